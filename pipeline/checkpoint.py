@@ -1,0 +1,147 @@
+"""Atomic training checkpoints: write to a temporary folder, fsync, rename; keep the last K.
+
+A checkpoint folder ``step_NNNNNN/`` holds everything a resume needs: ``model/`` (Hugging Face
+format, safetensors), ``optimizer.pt`` and ``scheduler.pt`` (tensors only: loaded with
+``weights_only=True``), ``rng.pt`` (torch RNG states), ``state.json`` (step, counters, task sampler
+position, python/numpy RNG, wandb run id) and ``config.yaml``. A crash mid-write leaves only a
+``.tmp-*`` folder, which is ignored and cleaned up; the previous checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor states for ``rng.pt``, JSON-able states for ``state.json``)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int,
+) -> Path:
+    """Write ``root/step_NNNNNN`` atomically and prune to the newest ``keep_last``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    tensors, plain = rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
+    (tmp / "config.yaml").write_text(config_yaml)
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for stale in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def clean_partial(root: Path) -> None:
+    """Remove folders left by a write that was interrupted."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def check_checkpoint(path: Path, key: str = "trainer.resume") -> Path:
+    """Validate a checkpoint folder given by the user (before any model loading)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"{key}={str(path)!r}: no such checkpoint folder (expected .../checkpoints/step_NNNNNN)."
+        )
+    missing = [
+        n
+        for n in ("state.json", "optimizer.pt", "scheduler.pt", "rng.pt", "model")
+        if not (path / n).exists()
+    ]
+    if missing:
+        raise ValueError(f"{key}={str(path)!r} is not a complete checkpoint: missing {missing}.")
+    return path
+
+
+def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(state.json, optimizer state, scheduler state, rng tensors), tensors loaded weights-only."""
+    state = json.loads((path / "state.json").read_text())
+    optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+    return state, optim, sched, rng

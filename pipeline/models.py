@@ -1,0 +1,109 @@
+"""Loading models and tokenizers from config: the embedded model, local folders or the hub.
+
+``builtin://NAME`` resolves to ``pipeline/assets/NAME`` (shipped with the package). Anything else
+goes to ``from_pretrained``: a local folder is read directly; a hub id needs the network or a
+populated cache, and failing that the error says how to point ``model.name_or_path`` at a local copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import DType, ModelConfig, TokenizerConfig
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN = "builtin://"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+
+
+def resolve_path(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Map ``builtin://NAME`` to the packaged folder; other values pass through."""
+    if name_or_path.startswith(BUILTIN):
+        name = name_or_path[len(BUILTIN) :]
+        path = ASSETS / name
+        if not (path / "config.json").is_file():
+            available = (
+                sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+                if ASSETS.is_dir()
+                else []
+            )
+            raise ModelLoadError(
+                f"{key}={name_or_path!r}: no embedded model {name!r}; available: {available}."
+            )
+        return str(path)
+    return name_or_path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"model.device={device!r} but CUDA is not available on this machine; use model.device=cpu."
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    if dtype is DType.auto:
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype.value)
+
+
+def _explain(key: str, path: str, err: Exception) -> ModelLoadError:
+    local = Path(path).expanduser()
+    if local.exists():
+        hint = f"the folder {str(local)!r} exists but is not a loadable Hugging Face model/tokenizer: {err}"
+    else:
+        hint = (
+            f"it is not a local folder and could not be fetched from the Hugging Face hub ({type(err).__name__}). "
+            f"Offline? Download it once where you have network (e.g. `hf download {path} --local-dir ./models/{Path(path).name}`) "
+            f"and set {key}=./models/{Path(path).name} (a folder with config.json and weights, as save_pretrained writes)."
+        )
+    return ModelLoadError(f"could not load {key}={path!r}: {hint}")
+
+
+def check_model_source(cfg: ModelConfig) -> str:
+    """Resolve and check the model location cheaply (config only), before any weight loading."""
+    path = resolve_path(cfg.name_or_path)
+    try:
+        AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _explain("model.name_or_path", path, err) from err
+    return path
+
+
+def load_tokenizer(cfg: TokenizerConfig, model_path: str) -> PreTrainedTokenizerBase:
+    key = "tokenizer.name_or_path" if cfg.name_or_path else "model.name_or_path"
+    path = resolve_path(cfg.name_or_path, key) if cfg.name_or_path else model_path
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _explain(key, path, err) from err
+
+
+def load_model(cfg: ModelConfig, path: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    kwargs = {"dtype": dtype, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _explain("model.name_or_path", path, err) from err
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)

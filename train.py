@@ -1,0 +1,37 @@
+"""Entry point: compose the Hydra config, validate it, run the GRPO recipe, return the sweep objective.
+
+python train.py                                   # embedded default, offline, CPU
+python train.py model=gpt2 generate.temperature=0.7
+python train.py -m generate.temperature=0.5,0.7,1.0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from pipeline.config import register_configs, validate
+from pipeline.recipe import GRPORecipe
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(raw: DictConfig) -> float:
+    cfg = validate(raw)
+    hc = HydraConfig.get()
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    recipe = GRPORecipe(cfg, Path(hc.runtime.output_dir), group=group)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()
