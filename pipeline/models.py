@@ -7,7 +7,11 @@ populated cache, and failing that the error says how to point ``model.name_or_pa
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -69,19 +73,46 @@ def _explain(key: str, path: str, err: Exception) -> ModelLoadError:
     if local.exists():
         hint = f"the folder {str(local)!r} exists but is not a loadable Hugging Face model/tokenizer: {err}"
     else:
+        where = (
+            "it is not in the local cache and the hub is unreachable"
+            if not hub_reachable()
+            else (f"the hub could not serve it ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+        )
+        name = Path(path).name
         hint = (
-            f"it is not a local folder and could not be fetched from the Hugging Face hub ({type(err).__name__}). "
-            f"Offline? Download it once where you have network (e.g. `hf download {path} --local-dir ./models/{Path(path).name}`) "
-            f"and set {key}=./models/{Path(path).name} (a folder with config.json and weights, as save_pretrained writes)."
+            f"it is not a local folder; {where}. Download it once where you have network "
+            f"(e.g. `hf download {path} --local-dir ./models/{name}`) and set {key}=./models/{name} "
+            "(a folder with config.json and weights, as save_pretrained writes)."
         )
     return ModelLoadError(f"could not load {key}={path!r}: {hint}")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection quickly (False when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_only(path: str) -> bool:
+    """Read a hub id from the local cache only when the hub is unreachable (no slow retries)."""
+    return not Path(path).expanduser().exists() and not hub_reachable()
 
 
 def check_model_source(cfg: ModelConfig) -> str:
     """Resolve and check the model location cheaply (config only), before any weight loading."""
     path = resolve_path(cfg.name_or_path)
     try:
-        AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                   local_files_only=_local_only(path))  # fmt: skip
     except (OSError, ValueError) as err:
         raise _explain("model.name_or_path", path, err) from err
     return path
@@ -91,13 +122,15 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str) -> PreTrainedTokenizer
     key = "tokenizer.name_or_path" if cfg.name_or_path else "model.name_or_path"
     path = resolve_path(cfg.name_or_path, key) if cfg.name_or_path else model_path
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                             local_files_only=_local_only(path))  # fmt: skip
     except (OSError, ValueError) as err:
         raise _explain(key, path, err) from err
 
 
 def load_model(cfg: ModelConfig, path: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    kwargs = {"dtype": dtype, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+              "local_files_only": _local_only(path)}  # fmt: skip
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict, lazy_stack
 from torchrl.data.llm import History
 from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
 
 from pipeline import algos, checkpoint
 from pipeline.config import TrainConfig, derived_sizes
@@ -80,6 +81,7 @@ class GRPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        hf_logging.disable_progress_bar()
         seed_everything(cfg.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)

@@ -1,0 +1,141 @@
+"""The training pipeline run for real on tiny budgets: in-process, as a subprocess, as a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import validate
+from pipeline.recipe import GRPORecipe
+from tests.conftest import SMALL_RUN
+from tests.test_config import compose_train
+from tests.wandb_reader import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGPROB_KEYS = ["logprobs/mean", "logprobs/std", "logprobs/min", "logprobs/gen_train_absdiff_mean",
+                "logprobs/gen_train_absdiff_max", "logprobs/ratio_mean", "logprobs/ratio_min",
+                "logprobs/ratio_max", "logprobs/ess"]  # fmt: skip
+
+
+def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_in_process_two_steps(saved_tiny, tmp_path):
+    cfg = validate(compose_train([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none"]))
+    recipe = GRPORecipe(cfg, tmp_path)
+    try:
+        recipe.setup()
+        accuracy = recipe.train()
+    finally:
+        recipe.cleanup()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert 0.0 <= accuracy <= 1.0 and rows[-1]["eval/accuracy"] == accuracy
+    for key in [*LOGPROB_KEYS, "reward/total_mean", "kl/ref_mean", "loss/clip_frac", "loss/grad_norm",
+                "completions/eos_rate", "completions/truncation_rate", "perf/tokens_per_s", "reward/zero_var_groups"]:  # fmt: skip
+        assert key in rows[1], key
+    # behaviour and training log-probs agree on the first update pass (the policy was not updated yet)
+    assert rows[1]["logprobs/gen_train_absdiff_max"] < 1e-4
+    assert rows[1]["logprobs/mean"] < 0 and rows[1]["logprobs/min"] <= rows[1]["logprobs/mean"]
+    assert (tmp_path / "plots.png").stat().st_size > 0
+    assert (tmp_path / "completions.jsonl").read_text().count('"completion"') == 2 * 4
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final_model")
+    trained = dict(recipe.model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in final.named_parameters())
+    initial = AutoModelForCausalLM.from_pretrained(saved_tiny)
+    assert any(not torch.equal(p, trained[n]) for n, p in initial.named_parameters())  # it trained
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000001", "step_000002"]
+
+
+def test_subprocess_end_to_end_with_wandb_offline(saved_tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMALL_RUN, f"model.name_or_path={saved_tiny}", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[sizes] 2 prompts x 2 samples = 4 sequences/step" in proc.stdout
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert validate(saved).trainer.steps == 2  # the run folder's config reproduces the run
+    assert "trainer.steps=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    info = OmegaConf.load(run_dir / "run_info.yaml")
+    assert info.versions.torch and info.seed == 0
+    # the offline wandb run holds the log-prob statistics and the resolved config
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_run(runs[0])
+    rows = [r for r in logged["history"] if "logprobs/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    ours = read_metrics(run_dir)
+    for key in LOGPROB_KEYS:
+        assert rows[-1][key] == pytest.approx(ours[-1][key]), key
+    assert rows[-1]["logprobs/hist/_type"] == "histogram" and sum(rows[-1]["logprobs/hist/values"]) > 0
+    assert logged["config"]["generate"]["temperature"] == 1.0
+
+
+def test_multirun_sweep_gives_each_job_its_folder(saved_tiny, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "generate.temperature=0.5,1.0", *SMALL_RUN, "trainer.steps=1", "trainer.eval_every=0",
+            f"model.name_or_path={saved_tiny}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    temps, groups = [], []
+    for job in jobs:
+        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        temps.append(next(o for o in overrides if o.startswith("generate.temperature=")))
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").generate.temperature == float(
+            temps[-1].split("=")[1]
+        )
+        assert len(read_metrics(job)) >= 1
+        groups.append(read_run(next((job / "wandb").glob("offline-run-*")))["group"])
+    assert groups == [sweep.name, sweep.name]  # the jobs of one sweep are one wandb group
+    assert temps == ["generate.temperature=0.5", "generate.temperature=1.0"]
+
+
+def test_hub_model_offline_fails_fast_and_local_copy_works(saved_tiny, tmp_path):
+    proc = run_train(
+        ["model=gpt2", "generate.temperature=0.7", "logger=none", f"hydra.run.dir={tmp_path / 'a'}"]
+    )
+    assert proc.returncode != 0
+    assert "model.name_or_path='gpt2'" in proc.stderr and "model.name_or_path=./models/gpt2" in proc.stderr
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    shown = run_train(["model=gpt2", "generate.temperature=0.7", "--cfg", "job"])
+    job = OmegaConf.create(shown.stdout)
+    assert job.model.name_or_path == "gpt2" and job.generate.temperature == 0.7
+    # the same model config, pointed at a local folder, trains
+    cfg = validate(compose_train(["model=gpt2", "generate.temperature=0.7", f"model.name_or_path={saved_tiny}",
+                                  *SMALL_RUN, "trainer.steps=1", "logger=none"]))  # fmt: skip
+    recipe = GRPORecipe(cfg, tmp_path / "b")
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert read_metrics(tmp_path / "b")[-1]["step"] == 1
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "rloo"])
+def test_other_algorithms_run(saved_tiny, tmp_path, algo):
+    cfg = validate(compose_train([f"algo={algo}", *SMALL_RUN, "trainer.steps=1", f"model.name_or_path={saved_tiny}",
+                                  "logger=none", "algo.entropy_coef=0.01"]))  # fmt: skip
+    recipe = GRPORecipe(cfg, tmp_path)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert "loss/entropy" in read_metrics(tmp_path)[-1]
