@@ -7,6 +7,7 @@ python train.py -m generate.temperature=0.5,0.7,1.0
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,11 @@ def main(raw: DictConfig) -> float:
     try:
         recipe.setup()
         return recipe.train()
+    except KeyboardInterrupt as stop:
+        print(
+            f"[stopped] {stop or 'interrupted'}; resume with trainer.resume=auto hydra.run.dir={hc.runtime.output_dir}"
+        )
+        sys.exit(130)
     finally:
         recipe.cleanup()
 

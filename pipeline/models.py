@@ -18,6 +18,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -107,15 +108,38 @@ def _local_only(path: str) -> bool:
     return not Path(path).expanduser().exists() and not hub_reachable()
 
 
-def check_model_source(cfg: ModelConfig) -> str:
+def check_model_source(cfg: ModelConfig) -> tuple[str, PretrainedConfig]:
     """Resolve and check the model location cheaply (config only), before any weight loading."""
     path = resolve_path(cfg.name_or_path)
     try:
-        AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                    local_files_only=_local_only(path))  # fmt: skip
     except (OSError, ValueError) as err:
         raise _explain("model.name_or_path", path, err) from err
-    return path
+    return path, config
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompts_fit(prompts: list[str], tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig,
+                      max_new_tokens: int, *, source: str = "task") -> None:  # fmt: skip
+    """Every prompt plus ``max_new_tokens`` must fit the model's context (checked before loading weights)."""
+    limit = context_length(config)
+    if limit is None or not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    worst = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[worst] + max_new_tokens > limit:
+        raise ValueError(
+            f"{source} prompt #{worst} has {lengths[worst]} tokens; with generate.max_new_tokens={max_new_tokens} "
+            f"that exceeds the model context of {limit} tokens. Shorten the prompts or lower generate.max_new_tokens."
+        )
 
 
 def load_tokenizer(cfg: TokenizerConfig, model_path: str) -> PreTrainedTokenizerBase:

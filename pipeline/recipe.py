@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +30,14 @@ from pipeline import algos, checkpoint
 from pipeline.config import TrainConfig, derived_sizes
 from pipeline.loggers import RunLogger
 from pipeline.logprobs import pad_right
-from pipeline.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
+from pipeline.models import (
+    check_model_source,
+    check_prompts_fit,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from pipeline.policy import TransformersWrapper
 from pipeline.rewards import RewardSet
 
@@ -85,8 +93,10 @@ class GRPORecipe:
         seed_everything(cfg.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        model_path = check_model_source(cfg.model)
+        model_path, model_config = check_model_source(cfg.model)
         self.tokenizer = load_tokenizer(cfg.tokenizer, model_path)
+        prompts = [e.prompt for e in self.task.train_examples + self.task.eval_examples]
+        check_prompts_fit(prompts, self.tokenizer, model_config, cfg.generate.max_new_tokens)
         weights = str(self.resume_from / "model") if self.resume_from else model_path
         self.model = load_model(cfg.model, weights, self.device, self.dtype).eval()  # eval: no dropout noise
         if cfg.model.gradient_checkpointing:
@@ -151,8 +161,7 @@ class GRPORecipe:
         cfg, tr = self.cfg, self.cfg.trainer
         if self.step == 0 and tr.eval_every:
             self.logger.log(0, self.evaluate())
-        interrupted = _install_sigterm()
-        try:
+        with StopRequest() as stop:
             while self.step < tr.steps:
                 step = self.step + 1
                 t0 = time.perf_counter()
@@ -188,14 +197,13 @@ class GRPORecipe:
                     self.logger.log(step, metrics, {"logprobs/hist": batch["old_lp"][batch["mask"]]})
                 if tr.completions_every and step % tr.completions_every == 0:
                     self.logger.log_completions(step, completion_rows(rollout, batch, answers, rewards.total))
+                if stop.requested:
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt(
+                        f"stopped by {stop.requested} after step {step}; checkpoint saved"
+                    )
                 if tr.save_every and step % tr.save_every == 0 and step < tr.steps:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            print(f"\n[interrupted] saving a checkpoint at step {self.step} before exiting")
-            self.save_checkpoint()
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, interrupted)
         self.save_checkpoint()
         self.save_final_model()
         final = self.evaluate() if not tr.eval_every else {}
@@ -502,16 +510,33 @@ def write_run_info(run_dir: Path, cfg: TrainConfig) -> None:
     )
 
 
-def _install_sigterm():
-    """Turn SIGTERM (preemption, `kill`) into KeyboardInterrupt so a checkpoint is written."""
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: finish the current step, save a checkpoint, then stop.
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    A step is the unit of consistent state (weights, optimizer, sampler, RNG), so the first signal
+    only sets ``requested``; a second one interrupts immediately.
+    """
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return signal.getsignal(signal.SIGTERM)
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
 
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        self.requested = name
+        print(
+            f"\n[{name}] finishing the current step, then saving a checkpoint (send it again to stop now)",
+            flush=True,
+        )
 
-__all__ = ["GRPORecipe", "TrainingError"]
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
