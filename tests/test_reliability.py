@@ -139,7 +139,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(saved_tiny, 
     proc.wait(timeout=30)
     assert any(p.name.startswith(".tmp-step_000002") for p in root.iterdir())  # the half-written one
     assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_000001"]
-    state, optim, sched, rng = checkpoint.load_training_state(root / "step_000001")
+    state, optim, _sched, rng = checkpoint.load_training_state(root / "step_000001")
     assert state["step"] == 1 and "state" in optim and "torch" in rng
     model = AutoModelForCausalLM.from_pretrained(root / "step_000001" / "model")
     original = dict(AutoModelForCausalLM.from_pretrained(saved_tiny).named_parameters())
