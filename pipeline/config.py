@@ -122,6 +122,10 @@ class GenerateConfig:
         _require(self.top_k >= 0, "generate.top_k", ">= 0 (0 disables it)", self.top_k)
         _require(0 < self.top_p <= 1, "generate.top_p", "in (0, 1]", self.top_p)
         _require(self.repetition_penalty > 0, "generate.repetition_penalty", "> 0", self.repetition_penalty)
+        from transformers import GenerationConfig
+
+        unknown = GenerationConfig().update(**dict(self.extra))
+        _require(not unknown, "generate.extra", "transformers.GenerationConfig fields only", sorted(unknown))
 
     def generation_kwargs(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
@@ -136,6 +140,7 @@ class ArithmeticTaskConfig:
     digits: int = 2
     ops: str = "+"
     num_eval: int = 200
+    num_train: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -349,6 +354,28 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="task", name="base_arithmetic", node=ArithmeticTaskConfig)
     cs.store(group="task", name="base_jsonl", node=JsonlTaskConfig)
+
+
+def instantiate_node(node: Any, key: str, **kwargs: Any) -> Any:
+    """Hydra ``instantiate`` for every ``_target_`` node, with errors that name ``key``.
+
+    A constructor's own ``ValueError``/``TypeError``/``FileNotFoundError`` (bad data, bad argument)
+    is re-raised as is; a target that cannot be imported or called becomes a ``ValueError``.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if not isinstance(node, (dict, DictConfig)):
+        node = OmegaConf.structured(node)
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not isinstance(
+            cause, ImportError
+        ):
+            raise cause from None
+        raise ValueError(f"{key}: cannot instantiate {node.get('_target_')!r}: {err}") from err
 
 
 def validate(cfg: DictConfig | dict) -> TrainConfig:

@@ -7,19 +7,20 @@ objective); ``cleanup()`` closes the loggers. The math lives in :mod:`pipeline.a
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensordict import TensorDict, lazy_stack
 from torchrl.data.llm import History
@@ -27,7 +28,7 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from pipeline import algos, checkpoint
-from pipeline.config import TrainConfig, derived_sizes
+from pipeline.config import TrainConfig, derived_sizes, instantiate_node
 from pipeline.loggers import RunLogger
 from pipeline.logprobs import pad_right
 from pipeline.models import (
@@ -55,7 +56,7 @@ class GRPORecipe:
         self.sizes = derived_sizes(cfg)
         self.resume_from = self._resume_path()
         # Data and reward errors surface before any model is loaded.
-        self.task = instantiate(OmegaConf.structured(cfg.task), _convert_="all")
+        self.task = instantiate_node(cfg.task, "task")
         self.rewards = RewardSet(
             {name: self._reward_fn(name, node) for name, node in cfg.reward.functions.items()},
             on_error=cfg.reward.on_error.value,
@@ -80,16 +81,19 @@ class GRPORecipe:
     def _reward_fn(name: str, node: dict[str, Any]) -> tuple[Any, float]:
         params = {k: v for k, v in node.items() if k != "weight"}
         try:
-            fn = instantiate({**params, "_partial_": True})
+            fn = instantiate_node({**params, "_partial_": True}, f"reward.functions.{name}")
+            inspect.signature(fn.func).bind(["completion"], ["answer"], ["prompt"], **fn.keywords)
         except Exception as err:
             raise ValueError(
-                f"reward.functions.{name}: cannot instantiate {node.get('_target_')!r}: {err}"
+                f"reward.functions.{name}: cannot use {node.get('_target_')!r} with parameters "
+                f"{sorted(k for k in params if k != '_target_')} as fn(completions, answers, prompts, **params): {err}"
             ) from err
         return fn, float(node.get("weight", 1.0))
 
     def setup(self) -> None:
         cfg = self.cfg
         hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         seed_everything(cfg.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
@@ -97,6 +101,12 @@ class GRPORecipe:
         self.tokenizer = load_tokenizer(cfg.tokenizer, model_path)
         prompts = [e.prompt for e in self.task.train_examples + self.task.eval_examples]
         check_prompts_fit(prompts, self.tokenizer, model_config, cfg.generate.max_new_tokens)
+        chat = cfg.chat_template
+        if chat.use_chat and chat.name is None and chat.template is None and not self.tokenizer.chat_template:
+            raise ValueError(
+                "chat_template=tokenizer but the tokenizer has no chat template: choose chat_template=chatml, "
+                "qwen or custom, or chat_template=none for plain-text prompts."
+            )
         weights = str(self.resume_from / "model") if self.resume_from else model_path
         self.model = load_model(cfg.model, weights, self.device, self.dtype).eval()  # eval: no dropout noise
         if cfg.model.gradient_checkpointing:
