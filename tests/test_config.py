@@ -131,3 +131,8 @@ def test_derived_sizes():
                                   "trainer.micro_batch_size=8", "algo.ppo_epochs=2"]))  # fmt: skip
     assert derived_sizes(cfg) == {"rollout": 32, "minibatch": 16, "micro_batch": 8, "grad_accum": 2,
                                   "optimizer_steps_per_step": 4}  # fmt: skip
+
+
+def test_joblib_launcher_composes():
+    cfg = compose_train(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
