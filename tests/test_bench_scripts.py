@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end on tiny settings (their numbers are not asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"\d+\.\d+"
+
+
+def test_bench_wrapper_tiny_prints_one_table():
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_wrapper.py"), "--tiny"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    header = [line for line in out.splitlines() if line.startswith("method")]
+    assert len(header) == 1, out
+    for label in ("(a) raw generate", "(b) generate+output_logits+log_softmax",
+                  "(c) ours pipeline.TransformersWrapper", "(d) torchrl TransformersWrapper"):  # fmt: skip
+        rows = [line for line in out.splitlines() if line.startswith(label)]
+        assert len(rows) == 1, f"{label!r} not in the table:\n{out}"
+        # median s, time/raw, paired time/raw, extra peak MB, mem/raw: all numeric
+        cells = re.match(rf"{re.escape(label)}" + rf"\s+({NUMBER})" * 5, rows[0])
+        assert cells, f"non-numeric cells in {rows[0]!r}"
+        if label.startswith("(a)"):
+            assert float(cells[2]) == float(cells[3]) == float(cells[5]) == 1.0
+        if label.startswith("(c)"):
+            assert re.search(r"time <= 1\.05x: (PASS|FAIL); mem <= 1\.30x: (PASS|FAIL)", rows[0]), rows[0]
+    assert "same sampled tokens in all methods: yes" in out, out
+    assert re.search(r"max \|log_prob\(ours\) - log_prob\(logits\)\| = (\S+)", out), out
