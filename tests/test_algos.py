@@ -35,7 +35,13 @@ def test_rloo_leave_one_out_baseline():
 
 @pytest.mark.parametrize(
     ("ratio", "adv", "loss", "clipped"),
-    [(1.5, 1.0, -1.2, True), (1.5, -1.0, 1.5, False), (0.5, 1.0, -0.5, False), (0.5, -1.0, 0.8, True), (1.1, 1.0, -1.1, False)],
+    [
+        (1.5, 1.0, -1.2, True),
+        (1.5, -1.0, 1.5, False),
+        (0.5, 1.0, -0.5, False),
+        (0.5, -1.0, 0.8, True),
+        (1.1, 1.0, -1.1, False),
+    ],
 )
 def test_clipped_surrogate_hand_values(ratio, adv, loss, clipped):
     lp = torch.tensor([[math.log(ratio)]])
@@ -84,6 +90,8 @@ def test_aggregate_modes_and_micro_batch_additivity():
 
 
 def test_effective_sample_size():
-    assert algos.effective_sample_size(torch.zeros(5), torch.ones(5, dtype=torch.bool)).item() == pytest.approx(1.0)
+    assert algos.effective_sample_size(
+        torch.zeros(5), torch.ones(5, dtype=torch.bool)
+    ).item() == pytest.approx(1.0)
     lr = torch.tensor([0.0, math.log(3.0)])
     assert algos.effective_sample_size(lr, torch.ones(2, dtype=torch.bool)).item() == pytest.approx(0.8)

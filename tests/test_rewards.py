@@ -43,14 +43,20 @@ def _ones(c, a, p):
 @pytest.mark.parametrize("bad", [_bad_raises, _bad_length, _bad_nan])
 def test_failures_are_counted_zeroed_or_dropped(bad):
     completions, answers = ["1", "2", "3"], ["1", "2", "3"]
-    zero = RewardSet({"ok": (_ones, 1.0), "bad": (bad, 2.0)}, on_error="zero")(completions, answers, completions)
+    zero = RewardSet({"ok": (_ones, 1.0), "bad": (bad, 2.0)}, on_error="zero")(
+        completions, answers, completions
+    )
     failed = 3 if bad is not _bad_nan else 2
     assert zero.failures == {"ok": 0, "bad": failed}
     assert zero.valid.all()
     good_bad = [v for v in zero.per_function["bad"].tolist() if not math.isnan(v)]
-    assert zero.total.tolist() == pytest.approx([1.0 + 2.0 * (1.0 if i == 1 and good_bad else 0.0) for i in range(3)])
+    assert zero.total.tolist() == pytest.approx(
+        [1.0 + 2.0 * (1.0 if i == 1 and good_bad else 0.0) for i in range(3)]
+    )
 
-    drop = RewardSet({"ok": (_ones, 1.0), "bad": (bad, 2.0)}, on_error="drop")(completions, answers, completions)
+    drop = RewardSet({"ok": (_ones, 1.0), "bad": (bad, 2.0)}, on_error="drop")(
+        completions, answers, completions
+    )
     assert int((~drop.valid).sum()) == failed
 
     with pytest.raises(RuntimeError, match="'bad'"):

@@ -1,0 +1,229 @@
+"""Tasks: prompts with verifiable answers, a held-out eval set, and a resumable sampler.
+
+A task owns its training and eval examples and draws training prompts by walking a seeded
+permutation of the training set epoch by epoch. The sampler state is three ints, so a checkpoint
+can store it and a resumed run draws exactly the examples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_MAX_SPACE = 2_000_000  # problems enumerated by ArithmeticTask without an explicit num_train
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and the exact answer string a correct response must produce."""
+
+    prompt: str
+    answer: str
+
+
+class Task:
+    """Training and held-out examples plus a deterministic, resumable training sampler."""
+
+    def __init__(self, train_examples: list[Example], eval_examples: list[Example], *, seed: int = 0) -> None:
+        if not train_examples:
+            raise ValueError("a task needs at least one training example.")
+        _check_int("seed", seed, minimum=0)
+        self.train_examples = list(train_examples)
+        self.eval_examples = list(eval_examples)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order: np.ndarray | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(len(self.train_examples))
+        return self._order
+
+    def sample(self, n: int) -> list[Example]:
+        """The next ``n`` training examples; every example is seen once per epoch."""
+        _check_int("n", n, minimum=1)
+        out = []
+        for _ in range(n):
+            if self.position == len(self.train_examples):
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+            out.append(self.train_examples[int(self._permutation()[self.position])])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        """Sampler state as plain ints (stored in checkpoints)."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_train": len(self.train_examples),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the sampler so the next ``sample`` continues where the saved run stopped."""
+        missing = {"seed", "epoch", "position"} - set(state)
+        if missing:
+            raise ValueError(f"task state_dict is missing keys {sorted(missing)}.")
+        num_train = state.get("num_train", len(self.train_examples))
+        if num_train != len(self.train_examples):
+            raise ValueError(
+                f"task state_dict was saved with {num_train} training examples, this task has "
+                f"{len(self.train_examples)}: the task configuration changed."
+            )
+        _check_int("state_dict['seed']", state["seed"], minimum=0)
+        _check_int("state_dict['epoch']", state["epoch"], minimum=0)
+        _check_int("state_dict['position']", state["position"], minimum=0)
+        if state["position"] > len(self.train_examples):
+            raise ValueError(f"state_dict['position']={state['position']} exceeds the training set size.")
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._order = None
+
+
+class ArithmeticTask(Task):
+    """Integer arithmetic in plain text: prompt ``"12+35="``, answer ``"47"``.
+
+    Operands have up to ``digits`` digits (0 to 10**digits - 1); ``ops`` is a string of ``+``, ``-``,
+    ``*``. For ``-`` the larger operand comes first, so answers are never negative. The space of
+    all problems is split by a seeded permutation: the first ``num_eval`` are held out, the rest
+    (or ``num_train`` of them) are for training, so eval and train never share a prompt.
+    """
+
+    def __init__(
+        self,
+        *,
+        digits: int = 2,
+        ops: str = "+",
+        num_eval: int = 200,
+        num_train: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_int("digits", digits, minimum=1)
+        _check_int("num_eval", num_eval, minimum=1)
+        if num_train is not None:
+            _check_int("num_train", num_train, minimum=1)
+        if not isinstance(ops, str) or not ops or set(ops) - set(_OPS) or len(set(ops)) != len(ops):
+            raise ValueError(f"ops must be distinct characters from {''.join(_OPS)!r}, got {ops!r}.")
+        _check_int("seed", seed, minimum=0)
+        self.digits, self.ops = digits, ops
+        base = 10**digits
+        space = len(ops) * base * base
+        if num_train is None and space > _MAX_SPACE:
+            raise ValueError(
+                f"digits={digits} with ops={ops!r} has {space} problems; set num_train to sample a subset."
+            )
+        wanted = num_eval + (space - num_eval if num_train is None else num_train)
+        if num_eval >= space or wanted > space:
+            raise ValueError(
+                f"num_eval={num_eval} and num_train={num_train} need {wanted} distinct problems, "
+                f"digits={digits} with ops={ops!r} has only {space}."
+            )
+        picks = random.Random(seed).sample(range(space), wanted)  # without replacement, any size
+
+        def example(i: int) -> Example:
+            op, rest = divmod(i, base * base)
+            a, b = divmod(rest, base)
+            sym = ops[op]
+            if sym == "-" and a < b:
+                a, b = b, a
+            return Example(f"{a}{sym}{b}=", str(_OPS[sym](a, b)))
+
+        # (a, b) and (b, a) give the same "-" prompt: keep the first occurrence, eval first.
+        seen: set[str] = set()
+        split = []
+        for i in picks:
+            ex = example(i)
+            if ex.prompt not in seen:
+                seen.add(ex.prompt)
+                split.append(ex)
+        eval_examples = split[:num_eval]
+        super().__init__(split[num_eval:], eval_examples, seed=seed)
+
+
+class JsonlTask(Task):
+    """Prompts and answers from a JSONL file, one object per line.
+
+    ``eval_path`` gives a separate held-out file; otherwise a seeded ``eval_fraction`` of
+    ``path`` is held out (at least one example when the fraction is positive). Numeric answers
+    are converted to strings.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | Path,
+        eval_path: str | Path | None = None,
+        prompt_key: str = "prompt",
+        answer_key: str = "answer",
+        eval_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)):
+            raise ValueError(f"eval_fraction must be a number in [0, 1), got {eval_fraction!r}.")
+        if not 0 <= eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
+        _check_int("seed", seed, minimum=0)
+        examples = read_jsonl(path, prompt_key=prompt_key, answer_key=answer_key)
+        if eval_path is not None:
+            train, held_out = examples, read_jsonl(eval_path, prompt_key=prompt_key, answer_key=answer_key)
+        else:
+            k = max(1, round(len(examples) * eval_fraction)) if eval_fraction > 0 else 0
+            if k >= len(examples):
+                raise ValueError(
+                    f"{path}: eval_fraction={eval_fraction} holds out {k} of {len(examples)} examples, "
+                    "leaving none for training; lower eval_fraction or give eval_path."
+                )
+            order = np.random.default_rng(seed).permutation(len(examples))
+            held_out = [examples[i] for i in sorted(order[:k])]
+            train = [examples[i] for i in sorted(order[k:])]
+        super().__init__(train, held_out, seed=seed)
+
+
+def read_jsonl(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "answer") -> list[Example]:
+    """Examples from a JSONL file; errors name the file, the line and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task data file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg}).") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+            for key in (prompt_key, answer_key):
+                if key not in row:
+                    raise ValueError(f"{where}: missing key {key!r} (has {sorted(row)}).")
+            prompt, answer = row[prompt_key], row[answer_key]
+            if not isinstance(prompt, str):
+                raise ValueError(f"{where}: {prompt_key!r} must be a string, got {type(prompt).__name__}.")
+            if not prompt.strip():
+                raise ValueError(f"{where}: {prompt_key!r} is empty.")
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = str(answer)
+            if not isinstance(answer, str):
+                raise ValueError(
+                    f"{where}: {answer_key!r} must be a string or number, got {type(answer).__name__}."
+                )
+            if not answer.strip():
+                raise ValueError(f"{where}: {answer_key!r} is empty.")
+            out.append(Example(prompt, answer))
+    if not out:
+        raise ValueError(f"{path}: no examples (the file is empty).")
+    return out
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
