@@ -241,15 +241,15 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 100
+    steps: int = 300
     prompts_per_step: int = 16
     num_minibatches: int = 1
     micro_batch_size: int = 32
-    eval_every: int = 25
+    eval_every: int = 50
     eval_size: int | None = None
     log_every: int = 1
-    completions_every: int = 25
-    save_every: int = 50
+    completions_every: int = 50
+    save_every: int = 100
     keep_last: int = 2
     resume: str | None = None
     max_nonfinite: int = 3
