@@ -61,6 +61,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    fused_activation: bool = True  # run GPT-2's gelu_new as the same function's fused kernel
 
     def __post_init__(self) -> None:
         _require(
@@ -221,6 +222,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
+    fused: bool = True  # torch's fused AdamW kernel on CPU and CUDA (same update, one kernel)
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "> 0", self.lr)

@@ -108,7 +108,9 @@ class GRPORecipe:
                 "qwen or custom, or chat_template=none for plain-text prompts."
             )
         weights = str(self.resume_from / "model") if self.resume_from else model_path
-        self.model = load_model(cfg.model, weights, self.device, self.dtype).eval()  # eval: no dropout noise
+        self.model = load_model(
+            cfg.model, weights, self.device, self.dtype, model_config
+        ).eval()  # eval: no dropout noise
         if cfg.model.gradient_checkpointing:
             self.model.config.use_cache = False
         t = cfg.generate.temperature
@@ -128,15 +130,17 @@ class GRPORecipe:
         )  # fmt: skip
         self.ref_scorer = None
         if cfg.algo.kl_coef > 0:
-            ref = load_model(cfg.model, model_path, self.device, self.dtype).eval().requires_grad_(False)
+            ref = load_model(cfg.model, model_path, self.device, self.dtype, model_config)
+            ref = ref.eval().requires_grad_(False)
             self.ref_scorer = TransformersWrapper(
                 ref, tokenizer=self.tokenizer, from_text=False, generate=False, log_probs_temperature=t
             )
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            fused=o.fused and self.device.type in ("cpu", "cuda"),
+        )  # fmt: skip
         self.scheduler = get_scheduler(o.scheduler, self.optimizer, num_warmup_steps=o.warmup_steps,
                                        num_training_steps=cfg.trainer.steps)  # fmt: skip
         wandb_id = None
@@ -177,7 +181,7 @@ class GRPORecipe:
                 t0 = time.perf_counter()
                 # 1. collect: G samples per prompt, with behaviour log-probs
                 examples = self.task.sample(tr.prompts_per_step)
-                with torch.no_grad():
+                with torch.inference_mode():
                     rollout = self.policy(self._prompt_batch(examples)).reshape(-1)
                 t_collect = time.perf_counter() - t0
                 # 2. score: rewards -> group-relative advantages
@@ -262,7 +266,7 @@ class GRPORecipe:
             entropy = _fit(pad_right(ents, 0.0)[0], width)
         return lp, entropy
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _reference_log_probs(self, rollout, batch) -> torch.Tensor:
         width = batch["mask"].shape[1]
         parts = [self._score(self.ref_scorer, rollout, idx, width)[0]
@@ -348,7 +352,7 @@ class GRPORecipe:
         return out
 
     # ------------------------------------------------------------------ eval / save
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy (the accuracy reward == 1) and mean length."""
         examples = self.task.eval_examples[: self.cfg.trainer.eval_size]
