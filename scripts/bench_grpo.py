@@ -10,7 +10,9 @@ phase breakdown of a step on each side, the settings that had to be aligned, and
 least-squares fit ``t = a + b * prompts * length``.
 
 Equal work. Both sides load one tiny GPT-2-style model written to a temporary folder (random weights,
-the character tokenizer of ``pipeline.tiny``, no download), train on the same in-memory prompts
+the character tokenizer of ``pipeline.tiny``, embedding and LM head padded to ``--vocab`` rows: 32000
+by default, a real tokenizer's size, since the vocabulary-sized work is a large part of a small model's
+step; ``--vocab 0`` keeps the 101-token toy vocabulary; no download), train on the same in-memory prompts
 ("ab+cd=", all the same length) with the same reward function, group size G, number of optimizer
 steps and KL coefficient, and sample exactly ``--length`` tokens per completion
 (``min_new_tokens == max_new_tokens``: EOS is suppressed, every completion has the same length; the
@@ -77,9 +79,11 @@ TARGET_TIME = 0.7  # ours / TRL median step time, at equal work
 PRELOAD = ["__main__", "torch", "transformers", "transformers.models.gpt2.modeling_gpt2", "tokenizers",
            "safetensors.torch", "numpy"]  # fmt: skip
 
-FULL = {"hidden": 128, "layers": 4, "heads": 4, "prompts": 8, "group": 8, "length": 32, "steps": 8,
-        "repeats": 4, "scaling_prompts": [4, 8, 16], "scaling_lengths": [8, 16, 32], "scaling_steps": 4}  # fmt: skip
-TINY = {"hidden": 32, "layers": 2, "heads": 4, "prompts": 2, "group": 2, "length": 4, "steps": 3,
+# vocab 32000 (Llama's): real tokenizers have 32k-150k tokens, and the vocabulary-sized work (LM head,
+# log-softmax, sampling) is a large share of a small model's step; --vocab 0 keeps the 101-token toy vocabulary.
+FULL = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 32000, "prompts": 8, "group": 8, "length": 32, "steps": 6,
+        "repeats": 2, "scaling_prompts": [4, 8, 16], "scaling_lengths": [8, 16, 32], "scaling_steps": 3}  # fmt: skip
+TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 0, "prompts": 2, "group": 2, "length": 4, "steps": 3,
         "repeats": 1, "scaling_prompts": [2, 4], "scaling_lengths": [4, 8], "scaling_steps": 2}  # fmt: skip
 
 
@@ -95,15 +99,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, help="prompts per step (8)")
     p.add_argument("--group", type=int, help="completions per prompt, G (8)")
     p.add_argument("--length", type=int, help="tokens per completion, forced (32)")
-    p.add_argument("--repeats", type=int, help="runs per side, alternating (3)")
+    p.add_argument("--repeats", type=int, help="runs per side, alternating (2)")
     p.add_argument("--kl", type=float, default=0.02, help="KL coefficient: TRL beta == our algo.kl_coef")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of both sides")
     p.add_argument("--hidden", type=int, help="GPT-2 hidden size (128)")
     p.add_argument("--layers", type=int, help="GPT-2 layers (4)")
     p.add_argument("--heads", type=int, help="GPT-2 attention heads (4)")
+    p.add_argument("--vocab", type=int,
+                   help="model vocabulary size (32000; 0: the character tokenizer's 101); larger sizes pad the "
+                   "embedding and LM head, as real tokenizers (32k-150k) do")  # fmt: skip
     p.add_argument("--scaling-prompts", type=int, nargs="+", help="prompts per step of the scaling grid")
     p.add_argument("--scaling-lengths", type=int, nargs="+", help="completion lengths of the scaling grid")
-    p.add_argument("--scaling-steps", type=int, help="steps per scaling point, the first is warm-up (4)")
+    p.add_argument("--scaling-steps", type=int, help="steps per scaling point, the first is warm-up (3)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (0: default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-ms", type=float, default=2.0, help="RSS sampling period (2 ms)")
@@ -169,9 +176,13 @@ def make_model(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     tok = char_tokenizer()
     model = tiny_model(tok, arch="gpt2", hidden=args.hidden, layers=args.layers, heads=args.heads,
                        max_positions=max(64, 8 + max(args.length, *args.scaling_lengths)), seed=args.seed)  # fmt: skip
+    if args.vocab:
+        if args.vocab < len(tok):
+            raise SystemExit(f"--vocab must be >= the tokenizer's {len(tok)} tokens")
+        model.resize_token_embeddings(args.vocab, mean_resizing=False)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    return {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tok)}
+    return {"params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size}
 
 
 def side_spec(
@@ -706,8 +717,10 @@ def aligned_lines(spec: dict[str, Any], first: dict[str, dict[str, Any]]) -> lis
         for key, (value, why) in TRL_ALIGNED.items():
             lines.append(f"aligned: TRL {key}={spec['lr'] if value is None else value!r}: {why}")
         lines.append(
-            f"not aligned (implementation, not work): TRL optimizer {first['trl']['optim']!r} (Trainer default) "
-            "vs ours torch.optim.AdamW defaults; TRL computes the per-token entropy in its training forward "
+            f"not aligned (implementation, not work): TRL optimizer {first['trl']['optim']!r} (Trainer default), "
+            "ours torch.optim.AdamW(fused=True) (optim.fused); ours runs GPT-2's gelu_new as the fused "
+            "gelu_pytorch_tanh kernel (model.fused_activation, the same function), TRL as eight elementwise ops; "
+            "TRL computes the per-token entropy in its training forward "
             "(hard-coded compute_entropy=True, for a metric) and ours does not (algo.entropy_coef=0); TRL's "
             "fused LM head vs our logits_to_keep + chunked log-softmax; ours runs with trainer.deterministic=true "
             "(its default)"
