@@ -35,14 +35,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_in_process_two_steps(saved_tiny, tmp_path):
-    cfg = validate(compose_train([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none"]))
-    recipe = GRPORecipe(cfg, tmp_path)
+def run_recipe(cfg, run_dir: Path) -> tuple[GRPORecipe, float]:
+    """Set up, train and clean up a recipe in-process; returns it and the final held-out accuracy."""
+    recipe = GRPORecipe(cfg, run_dir)
     try:
         recipe.setup()
-        accuracy = recipe.train()
+        return recipe, recipe.train()
     finally:
         recipe.cleanup()
+
+
+def test_in_process_two_steps(saved_tiny, tmp_path):
+    cfg = validate(compose_train([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none"]))
+    recipe, accuracy = run_recipe(cfg, tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert 0.0 <= accuracy <= 1.0 and rows[-1]["eval/accuracy"] == accuracy
@@ -119,12 +124,7 @@ def test_hub_model_offline_fails_fast_and_local_copy_works(saved_tiny, tmp_path)
     # the same model config, pointed at a local folder, trains
     cfg = validate(compose_train(["model=gpt2", "generate.temperature=0.7", f"model.name_or_path={saved_tiny}",
                                   *SMALL_RUN, "trainer.steps=1", "logger=none"]))  # fmt: skip
-    recipe = GRPORecipe(cfg, tmp_path / "b")
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run_recipe(cfg, tmp_path / "b")
     assert read_metrics(tmp_path / "b")[-1]["step"] == 1
 
 
@@ -132,12 +132,7 @@ def test_hub_model_offline_fails_fast_and_local_copy_works(saved_tiny, tmp_path)
 def test_other_algorithms_run(saved_tiny, tmp_path, algo):
     cfg = validate(compose_train([f"algo={algo}", *SMALL_RUN, "trainer.steps=1", f"model.name_or_path={saved_tiny}",
                                   "logger=none", "algo.entropy_coef=0.01"]))  # fmt: skip
-    recipe = GRPORecipe(cfg, tmp_path)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run_recipe(cfg, tmp_path)
     assert "loss/entropy" in read_metrics(tmp_path)[-1]
 
 
@@ -147,12 +142,7 @@ def test_default_job_learns_on_the_embedded_model(tmp_path):
         compose_train(["trainer.steps=40", "trainer.eval_every=40", "trainer.save_every=0", "logger=none"])
     )
     assert cfg.model.name_or_path == "builtin://arith-tiny"
-    recipe = GRPORecipe(cfg, tmp_path)
-    try:
-        recipe.setup()
-        final = recipe.train()
-    finally:
-        recipe.cleanup()
+    _, final = run_recipe(cfg, tmp_path)
     evals = [r["eval/accuracy"] for r in read_metrics(tmp_path) if "eval/accuracy" in r]
     start = evals[0]
     # the shipped model is pretrained only part-way: RL has room, yet groups carry signal
