@@ -152,6 +152,10 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str) -> PreTrainedTokenizer
         raise _explain(key, path, err) from err
 
 
+# config.activation_function -> the fused kernel of the same function
+_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
+
 def load_model(
     cfg: ModelConfig,
     path: str,
@@ -182,7 +186,3 @@ def load_model(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
-
-
-# config.activation_function -> the fused kernel of the same function
-_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
