@@ -1,4 +1,4 @@
-"""Entry point: compose the Hydra config, validate it, run the GRPO recipe, return the sweep objective.
+"""Entry point: compose the Hydra config, validate it, run the recipe ``algo.recipe``, return the sweep objective.
 
 python train.py                                   # embedded default, offline, CPU
 python train.py model=gpt2 generate.temperature=0.7
@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs, validate
-from pipeline.recipe import GRPORecipe
+from pipeline.runtime import recipe_class
 
 register_configs()
 
@@ -26,7 +26,7 @@ def main(raw: DictConfig) -> float:
     cfg = validate(raw)
     hc = HydraConfig.get()
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    recipe = GRPORecipe(cfg, Path(hc.runtime.output_dir), group=group)
+    recipe = recipe_class(cfg.algo.recipe)(cfg, Path(hc.runtime.output_dir), group=group)
     try:
         recipe.setup()
         return recipe.train()

@@ -64,6 +64,38 @@ def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    ref_log_probs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss of the clipped policy gradient, plus ``kl_coef`` x k3 KL, minus ``entropy_coef`` x entropy.
+
+    All token tensors are ``[B, T]``; ``advantages`` is ``[B]`` or ``[B, T]``. Returns the
+    per-token loss (reduce it with :func:`aggregate`) and detached per-token statistics: ``pg``,
+    ``ratio``, ``clipped`` (bool), ``log_ratio``, and ``kl``/``entropy`` when those terms are on.
+    """
+    pg, ratio, clipped = clipped_surrogate(log_probs, old_log_probs, advantages, clip_low, clip_high)
+    per_token = pg
+    stats = {"pg": pg.detach(), "ratio": ratio.detach(), "clipped": clipped,
+             "log_ratio": log_probs.detach() - old_log_probs}  # fmt: skip
+    if ref_log_probs is not None:
+        kl = k3_kl(log_probs, ref_log_probs)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = kl.detach()
+    if entropy is not None:
+        per_token = per_token - entropy_coef * entropy
+        stats["entropy"] = entropy.detach()
+    return per_token, stats
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -98,9 +130,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def effective_sample_size(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Normalised ESS of the importance weights ``exp(log_ratio)`` over masked tokens, in (0, 1]."""
-    w = torch.exp(log_ratio[mask.bool()].double())
+def effective_sample_size(log_ratio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised ESS of the importance weights ``exp(log_ratio)`` over masked tokens, in (0, 1].
+
+    ``(sum w)^2 / (n * sum w^2)``: 1 when every weight is equal (on-policy), ``1/n`` when one
+    token carries all the weight. Without ``mask`` every element of ``log_ratio`` counts.
+    """
+    w = torch.exp((log_ratio if mask is None else log_ratio[mask.bool()]).double())
     if w.numel() == 0:
         return torch.tensor(1.0)
     return (w.sum() ** 2 / (w.numel() * (w**2).sum())).float()

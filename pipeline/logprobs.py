@@ -136,6 +136,47 @@ def sequence_log_probs(
     return log_probs, resp_mask, logits if return_logits else None
 
 
+class StepLogProbs:
+    """Forward hook that keeps, per generation step, only the log-prob of the sampled token.
+
+    Each model call during ``generate`` yields next-token logits; their log-softmax is held until
+    the next call, whose input is the token sampled from them, and then reduced to one number
+    per row. Memory is one ``[B, V]`` tensor instead of ``B x T x V``. The logits are the model's
+    raw output (before any logits processor), divided by ``temperature``, the same distribution
+    that score mode computes.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None:
+            if ids is None:
+                raise ValueError(
+                    "log-probs during generation need input_ids in each model call (got embeddings)."
+                )
+            self.steps.append(self.pending.gather(-1, ids[:, -1:]).squeeze(-1))
+        logits = output.logits[:, -1]
+        x = logits.to(compute_dtype(logits.dtype))
+        if self.temperature != 1.0:
+            x = x / self.temperature
+        self.pending = torch.log_softmax(x, -1)
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` log-probs of the generated ``sequences`` (steps past ``N`` are dropped)."""
+        n = sequences.shape[1]
+        steps = self.steps[:n]
+        if len(steps) < n and self.pending is not None:
+            steps.append(self.pending.gather(-1, sequences[:, len(steps) : len(steps) + 1]).squeeze(-1))
+        self.pending = None
+        if not steps:
+            return sequences.new_zeros(sequences.shape, dtype=torch.float32)
+        return torch.stack(steps, 1)
+
+
 def supports_logits_to_keep(model: torch.nn.Module) -> bool:
     fn = getattr(model, "_supports_logits_to_keep", None)
     return bool(fn()) if callable(fn) else False
@@ -143,3 +184,16 @@ def supports_logits_to_keep(model: torch.nn.Module) -> bool:
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def fit_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad ``[B, T]`` with zeros, or cut it, to ``[B, width]``."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dimension, in at least float32."""
+    logp = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), -1)
+    return -(logp.exp() * logp).sum(-1)

@@ -8,6 +8,7 @@ non-finite value is a counted failure handled by ``on_error`` (zero | drop | fai
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -104,24 +105,43 @@ class RewardSet:
         self.functions = functions
         self.on_error = on_error
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> RewardSet:
+        """The ``reward`` config group: each function node instantiated and its signature checked now,
+        not at the first step (``reward.functions.NAME`` named in every error)."""
+        functions = {name: _reward_fn(name, node) for name, node in cfg.functions.items()}
+        return cls(functions, on_error=cfg.on_error.value)
+
     def __call__(self, completions: list[str], answers: list[str], prompts: list[str]) -> RewardResult:
         n = len(completions)
         total = torch.zeros(n, dtype=torch.float64)
         valid = torch.ones(n, dtype=torch.bool)
         per_fn, failures = {}, {}
-        for name, (fn, weight) in self.functions.items():
-            values = self._call_one(name, fn, completions, answers, prompts)
+        for name, (_, weight) in self.functions.items():
+            values = self.score_one(name, completions, answers, prompts)
             bad = ~torch.isfinite(values)
             failures[name] = int(bad.sum())
-            if failures[name] and self.on_error == "fail":
-                raise RuntimeError(
-                    f"reward function {name!r} failed on {failures[name]} of {n} samples (reward.on_error=fail)."
-                )
             if self.on_error == "drop":
                 valid &= ~bad
             total += weight * torch.where(bad, torch.zeros_like(values), values)
             per_fn[name] = values
         return RewardResult(total=total.float(), valid=valid, per_function=per_fn, failures=failures)
+
+    def score_one(
+        self, name: str, completions: list[str], answers: list[str], prompts: list[str]
+    ) -> torch.Tensor:
+        """``[N]`` float64 values of one function, NaN where it failed; with ``on_error=fail`` a failure raises.
+
+        Training (``__call__``) and evaluation both go through here, so a reward that fails only
+        on held-out prompts is handled the same way.
+        """
+        values = self._call_one(name, self.functions[name][0], completions, answers, prompts)
+        failed = int((~torch.isfinite(values)).sum())
+        if failed and self.on_error == "fail":
+            raise RuntimeError(
+                f"reward function {name!r} failed on {failed} of {len(values)} samples (reward.on_error=fail)."
+            )
+        return values
 
     def _call_one(self, name, fn, completions, answers, prompts) -> torch.Tensor:
         n = len(completions)
@@ -142,3 +162,19 @@ class RewardSet:
                 )
             return torch.full((n,), float("nan"), dtype=torch.float64)
         return torch.tensor(values, dtype=torch.float64)
+
+
+def _reward_fn(name: str, node: dict[str, Any]) -> tuple[Callable[..., Any], float]:
+    """A reward node as ``(fn, weight)``; its signature is checked now, not at the first step."""
+    params = {k: v for k, v in node.items() if k != "weight"}
+    from pipeline.config import instantiate_node
+
+    try:
+        fn = instantiate_node({**params, "_partial_": True}, f"reward.functions.{name}")
+        inspect.signature(fn.func).bind(["completion"], ["answer"], ["prompt"], **fn.keywords)
+    except Exception as err:
+        raise ValueError(
+            f"reward.functions.{name}: cannot use {node.get('_target_')!r} with parameters "
+            f"{sorted(k for k in params if k != '_target_')} as fn(completions, answers, prompts, **params): {err}"
+        ) from err
+    return fn, float(node.get("weight", 1.0))

@@ -62,13 +62,3 @@ def saved_tiny(tmp_path_factory):
     tiny_model(tok, arch="gpt2", hidden=32, layers=2, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-# Overrides for runs that take seconds: 2 prompts x 2 samples, 4 new tokens.
-SMALL_RUN = [
-    "trainer.steps=2", "trainer.prompts_per_step=2", "generate.num_samples=2", "generate.max_new_tokens=4",
-    "trainer.micro_batch_size=2", "trainer.eval_every=1", "trainer.eval_size=4",
-    "trainer.completions_every=1", "trainer.save_every=1",
-    # a length reward varies even for a random model, so updates are non-zero
-    "+reward.functions.short._target_=pipeline.rewards.length_penalty", "+reward.functions.short.max_chars=1",
-]  # fmt: skip

@@ -13,8 +13,7 @@ import pytest
 
 from pipeline.config import validate
 from pipeline.recipe import GRPORecipe
-from tests.conftest import SMALL_RUN
-from tests.test_config import compose_train
+from tests.helpers import SMALL_RUN, compose_train
 
 
 def _jsonl(path: Path, rows: list) -> str:

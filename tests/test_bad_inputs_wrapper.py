@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensordict import TensorDict, lazy_stack
+from tensordict import TensorDict, lazy_stack, tensorclass
 
 from pipeline import TransformersWrapper
 
@@ -35,6 +35,13 @@ def W(model, tok, **kw):
     return TransformersWrapper(model, tokenizer=tok, **kw)
 
 
+@tensorclass
+class PromptOnly:
+    """A tensorclass that cannot hold the wrapper's outputs."""
+
+    text: list | None = None
+
+
 TEXT = TensorDict(text=["1+1="], batch_size=[1])
 TOKENS = TensorDict(tokens=torch.tensor([[5, 6]]), batch_size=[1])
 
@@ -46,6 +53,7 @@ CASES = [
     ("pad-output-false", {"pad_output": False}, None, {}, ValueError, "pad_output"),
     ("inplace-bad", {"inplace": "yes"}, None, {}, ValueError, "inplace"),
     ("generate-not-bool", {"generate": "no"}, None, {}, TypeError, "generate"),
+    ("skip-special-not-bool", {"skip_special_tokens": 1}, None, {}, TypeError, "skip_special_tokens"),
     ("score-without-log-probs", {"generate": False, "return_log_probs": False}, None, {}, ValueError, "return_log_probs"),
     ("unknown-template-name", {"chat_template_name": "vicuna"}, None, {}, ValueError, "chat_template_name"),
     ("both-templates", {"chat_template_name": "qwen", "chat_template": "{{x}}"}, None, {}, ValueError, "chat_template"),
@@ -62,6 +70,10 @@ CASES = [
     ("tokenizer-padding-right", {"tokenizer_kwargs": {"padding_side": "right"}}, None, {}, ValueError, "padding_side"),
     ("tokenizer-unknown-kwarg", {"tokenizer_kwargs": {"return_offsets": True}}, None, {}, ValueError, "return_offsets"),
     ("input-not-tensordict", {}, {"text": ["a"]}, {}, TypeError, "TensorDict"),
+    ("tensorclass-missing-fields", {}, PromptOnly(text=["a"], batch_size=[1]), {}, ValueError,
+     r"PromptOnly does not declare .*'tokens_response', .*'tokens_response_mask'"),
+    ("tensordict-out-wrong-size", {}, TEXT, {"tensordict_out": TensorDict(batch_size=[3])}, ValueError, "tensordict_out"),
+    ("tensordict-out-not-tensordict", {}, TEXT, {"tensordict_out": {}}, TypeError, "tensordict_out"),
     ("no-text-no-history", {}, TensorDict(tokens=torch.tensor([[1]]), batch_size=[1]), {}, ValueError, "history"),
     ("text-not-strings", {}, TensorDict(text=torch.tensor([1.0]), batch_size=[1]), {}, TypeError, "text"),
     ("runtime-unknown-kwarg", {}, TEXT, {"temprature": 0.5}, ValueError, "temprature"),
@@ -73,8 +85,13 @@ CASES = [
     ("tokens-float", {"from_text": False}, TensorDict(tokens=torch.tensor([[1.0, 2.0]]), batch_size=[1]), {}, TypeError, "tokens"),
     ("tokens-out-of-vocab", {"from_text": False}, TensorDict(tokens=torch.tensor([[5, 10_000]]), batch_size=[1]), {}, ValueError, "vocabulary"),
     ("tokens-negative", {"from_text": False}, TensorDict(tokens=torch.tensor([[-1, 5]]), batch_size=[1]), {}, ValueError, "tokens"),
+    ("tokens-out-of-vocab-row", {"from_text": False}, TensorDict(tokens=torch.tensor([[5, 6], [7, 999]]), batch_size=[2]), {},
+     ValueError, r"tokens\[1\] has token ids outside the vocabulary .*max 999"),
     ("mask-shape-mismatch", {"from_text": False},
      lazy_stack([TensorDict(tokens=torch.tensor([5, 6]), attention_mask=torch.tensor([1, 1, 1]))]), {}, ValueError, "attention_mask"),
+    ("response-mask-shape-mismatch", {"from_text": False, "generate": False},
+     TensorDict(tokens=torch.tensor([[5]]), tokens_response=torch.tensor([[6, 7]]), tokens_response_mask=torch.tensor([[True]]),
+                batch_size=[1]), {}, ValueError, "tokens_response_mask"),
     ("score-missing-response", {"from_text": False, "generate": False}, TOKENS, {}, ValueError, "tokens_response"),
     ("score-response-out-of-vocab", {"from_text": False, "generate": False},
      TensorDict(tokens=torch.tensor([[5]]), tokens_response=torch.tensor([[999]]), batch_size=[1]), {}, ValueError, "tokens_response"),

@@ -6,10 +6,11 @@ import pytest
 import torch
 from tensordict import TensorDict, lazy_stack
 from torchrl.data.llm import History
+from transformers import LogitsProcessorList
 
 from pipeline import TransformersWrapper
-from pipeline.policy import _StepLogProbs
-from tests.test_policy_invariants import reference_log_probs
+from pipeline.logprobs import StepLogProbs
+from tests.test_policy_invariants import ForceTokenAt, per_sample, reference_log_probs
 
 
 def _scorer(model, tok, **kw):
@@ -61,7 +62,7 @@ def test_2b_every_eos_id_of_the_generation_config_ends_a_response(models, char_t
     torch.manual_seed(0)
     out = wrapper(TensorDict(text=["1+1="] * 16, batch_size=[16]))
     ended = 0
-    for resp, lp in zip(out.get("tokens_response", as_list=True), out.get("log_probs", as_list=True)):
+    for resp, lp in zip(per_sample(out, "tokens_response"), per_sample(out, "log_probs")):
         stops = torch.isin(resp, torch.tensor([char_tok.eos_token_id, stop]))
         assert stops[:-1].sum() == 0  # nothing after the first stop token
         ended += int(stops[-1])
@@ -176,7 +177,7 @@ def test_9_generation_keeps_one_step_of_logits_not_all(models, char_tok):
     assert "logits" not in wrapper.out_keys and wrapper.generation_config.output_logits is False
     out = wrapper(TensorDict(text=["1+1=", "22+3="], batch_size=[2]))
     assert "logits" not in out.keys()
-    recorder = _StepLogProbs(1.0)
+    recorder = StepLogProbs(1.0)
     handle = model.register_forward_hook(recorder, with_kwargs=True)
     try:
         model.generate(torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
@@ -204,3 +205,20 @@ def test_11_callers_tokenizer_is_not_mutated(models, char_tok):
     wrapper(TensorDict(text=["a", "bcd"], batch_size=[2]))
     assert char_tok.pad_token is None
     assert wrapper.pad_token_id == char_tok.eos_token_id  # pad id, not tokenizer(pad_token)[0]
+
+
+def test_skip_special_tokens_decodes_the_completion_text(models, char_tok):
+    model = models("gpt2")
+    prompt_len = len(char_tok("1+1=")["input_ids"])
+    force = LogitsProcessorList([ForceTokenAt(prompt_len, row=0, step=2, token=char_tok.eos_token_id)])
+    outs = {}
+    for skip in (False, True):
+        wrapper = TransformersWrapper(model, tokenizer=char_tok, skip_special_tokens=skip,
+                                      generate_kwargs={"max_new_tokens": 5, "logits_processor": force})  # fmt: skip
+        outs[skip] = wrapper(TensorDict(text=["1+1="], batch_size=[1]))
+    resp = outs[True].get("tokens_response", as_list=True)[0]
+    assert torch.equal(resp, outs[False].get("tokens_response", as_list=True)[0])
+    assert len(resp) == 3 and resp[-1] == char_tok.eos_token_id
+    assert outs[False].get("text_response").tolist() == [char_tok.decode(resp)]
+    assert outs[True].get("text_response").tolist() == [char_tok.decode(resp[:-1])]
+    assert char_tok.eos_token not in outs[True].get("text_response").tolist()[0]

@@ -17,29 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import checkpoint
-from pipeline.config import validate
-from pipeline.recipe import GRPORecipe, TrainingError
-from tests.conftest import SMALL_RUN
-from tests.test_config import compose_train
-from tests.test_train import ROOT, read_metrics, run_train
+from pipeline.runtime import TrainingError
+from tests.helpers import ROOT, SMALL_RUN, comparable, read_metrics, run_recipe, run_train
 from tests.wandb_reader import read_run
 
 RUN = [*SMALL_RUN, "trainer.steps=6", "trainer.save_every=2", "trainer.eval_every=3", "trainer.keep_last=5"]
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    """Metrics without wall-clock measurements."""
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
-
-
-def run_in_process(overrides: list[str], run_dir: Path) -> GRPORecipe:
-    recipe = GRPORecipe(validate(compose_train(overrides)), run_dir)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
 
 
 def _env() -> dict:
@@ -61,11 +43,11 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
 
 def test_same_config_and_seed_give_identical_metrics(saved_tiny, tmp_path):
     overrides = [*SMALL_RUN, "trainer.steps=3", f"model.name_or_path={saved_tiny}", "logger=none"]
-    run_in_process(overrides, tmp_path / "a")
-    run_in_process(overrides, tmp_path / "b")
+    run_recipe(overrides, tmp_path / "a")
+    run_recipe(overrides, tmp_path / "b")
     a, b = comparable(read_metrics(tmp_path / "a")), comparable(read_metrics(tmp_path / "b"))
     assert len(a) == 4 and a == b
-    other = run_in_process([*overrides, "seed=1"], tmp_path / "c")
+    other, _ = run_recipe([*overrides, "seed=1"], tmp_path / "c")
     assert comparable(read_metrics(tmp_path / "c")) != a and other.step == 3
 
 
@@ -185,7 +167,7 @@ def test_non_finite_loss_is_skipped_counted_then_aborts(saved_tiny, tmp_path):
                  "+reward.functions.huge._target_=tests.test_reliability.huge_reward", "trainer.max_nonfinite=3"]  # fmt: skip
     before = {n: p.clone() for n, p in AutoModelForCausalLM.from_pretrained(saved_tiny).named_parameters()}
     with pytest.raises(TrainingError, match=r"3 non-finite .* trainer\.max_nonfinite=3"):
-        run_in_process(overrides, tmp_path)
+        run_recipe(overrides, tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["loss/nonfinite_skipped"] for r in rows if "loss/nonfinite_skipped" in r] == [1, 1]
     recipe_model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_000002" / "model")
@@ -195,11 +177,11 @@ def test_non_finite_loss_is_skipped_counted_then_aborts(saved_tiny, tmp_path):
 def test_failing_reward_function_is_counted_and_training_continues(saved_tiny, tmp_path):
     overrides = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none",
                  "+reward.functions.judge._target_=tests.test_reliability.flaky_reward"]  # fmt: skip
-    recipe = run_in_process(overrides, tmp_path)
+    recipe, _ = run_recipe(overrides, tmp_path)
     rows = [r for r in read_metrics(tmp_path) if "reward/judge_failures" in r]
     assert [r["reward/judge_failures"] for r in rows] == [4, 4] and recipe.step == 2
     with pytest.raises(RuntimeError, match="'judge' raised ConnectionError"):
-        run_in_process([*overrides, "reward.on_error=fail"], tmp_path / "fail")
+        run_recipe([*overrides, "reward.on_error=fail"], tmp_path / "fail")
 
 
 def test_wandb_that_cannot_start_falls_back_to_local_logging(saved_tiny, tmp_path, monkeypatch):
@@ -208,9 +190,7 @@ def test_wandb_that_cannot_start_falls_back_to_local_logging(saved_tiny, tmp_pat
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no stored login
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.warns(UserWarning, match="wandb could not start"):
-        run_in_process(
-            [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger.mode=online"], tmp_path / "run"
-        )
+        run_recipe([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger.mode=online"], tmp_path / "run")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
 
 
@@ -229,12 +209,35 @@ def test_no_secret_from_the_environment_is_written(saved_tiny, tmp_path):
 
 def test_bad_resume_config_touches_nothing_saved(saved_tiny, tmp_path):
     run_dir = tmp_path / "run"
-    run_in_process([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none"], run_dir)
+    run_recipe([*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none"], run_dir)
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
     bad = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "trainer.resume=auto"]
     with pytest.raises(ValueError, match=r"model\.name_or_path"):
-        run_in_process([*bad, "model.name_or_path=/no/such/model"], run_dir)
+        run_recipe([*bad, "model.name_or_path=/no/such/model"], run_dir)
     with pytest.raises(ValueError, match=r"trainer\.resume"):
-        run_in_process([*bad, f"trainer.resume={run_dir / 'checkpoints' / 'step_000099'}"], run_dir)
+        run_recipe([*bad, f"trainer.resume={run_dir / 'checkpoints' / 'step_000099'}"], run_dir)
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
     assert after == digest
+
+
+def judge_failing_in_eval(completions, answers, prompts):
+    """Scores 1.0 in training (prompts repeat G times); in the held-out eval (distinct prompts) it
+    cannot score the first sample (None)."""
+    if len(set(prompts)) < len(prompts):
+        return [1.0] * len(completions)
+    return [None] + [1.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize(("on_error", "accuracy"), [("zero", 0.75), ("drop", 1.0), ("fail", None)])
+def test_reward_failing_only_in_evaluation_is_handled_per_on_error(saved_tiny, tmp_path, on_error, accuracy):
+    overrides = [*SMALL_RUN, "trainer.steps=1", f"model.name_or_path={saved_tiny}", "logger=none",
+                 "+reward.functions.judge._target_=tests.test_reliability.judge_failing_in_eval",
+                 "reward.accuracy=judge", f"reward.on_error={on_error}"]  # fmt: skip
+    if accuracy is None:
+        with pytest.raises(RuntimeError, match=r"'judge' failed on 1 of 4 samples \(reward.on_error=fail\)"):
+            run_recipe(overrides, tmp_path)
+        return
+    run_recipe(overrides, tmp_path)
+    evals = [r for r in read_metrics(tmp_path) if "eval/accuracy" in r]
+    assert [(r["eval/accuracy"], r["eval/reward_failures"]) for r in evals] == [(accuracy, 1)] * 2
+    assert read_metrics(tmp_path)[-1]["reward/judge_failures"] == 0  # training batches scored fine

@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import validate
-from pipeline.recipe import GRPORecipe
-from tests.conftest import SMALL_RUN
-from tests.test_config import compose_train
+from tests.helpers import SMALL_RUN, compose_train, read_metrics, run_recipe, run_train
 from tests.wandb_reader import read_run
 
-ROOT = Path(__file__).resolve().parents[1]
 LOGPROB_KEYS = ["logprobs/mean", "logprobs/std", "logprobs/min", "logprobs/gen_train_absdiff_mean",
                 "logprobs/gen_train_absdiff_max", "logprobs/ratio_mean", "logprobs/ratio_min",
                 "logprobs/ratio_max", "logprobs/ess"]  # fmt: skip
-
-
-def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_recipe(cfg, run_dir: Path) -> tuple[GRPORecipe, float]:
-    """Set up, train and clean up a recipe in-process; returns it and the final held-out accuracy."""
-    recipe = GRPORecipe(cfg, run_dir)
-    try:
-        recipe.setup()
-        return recipe, recipe.train()
-    finally:
-        recipe.cleanup()
 
 
 def test_in_process_two_steps(saved_tiny, tmp_path):

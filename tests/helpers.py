@@ -1,0 +1,79 @@
+"""Shared test helpers: Hydra composition, in-process and subprocess runs, reading what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+
+from pipeline.config import register_configs, validate
+from pipeline.runtime import recipe_class
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Overrides for runs that take seconds: 2 prompts x 2 samples, 4 new tokens.
+SMALL_RUN = [
+    "trainer.steps=2",
+    "trainer.prompts_per_step=2",
+    "generate.num_samples=2",
+    "generate.max_new_tokens=4",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_every=1",
+    "trainer.eval_size=4",
+    "trainer.completions_every=1",
+    "trainer.save_every=1",
+    # a length reward varies even for a random model, so updates are non-zero
+    "+reward.functions.short._target_=pipeline.rewards.length_penalty",
+    "+reward.functions.short.max_chars=1",
+]
+
+
+def compose_train(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """``conf/train.yaml`` composed with Hydra's compose API, as ``train.py`` would see it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides or [], return_hydra_config=return_hydra_config)
+
+
+def run_recipe(cfg_or_overrides: Any, run_dir: Path) -> tuple[Any, float]:
+    """Set up, train and clean up the configured recipe in-process; returns it and the final held-out accuracy.
+
+    Takes a validated config or a list of overrides.
+    """
+    cfg = (
+        validate(compose_train(cfg_or_overrides)) if isinstance(cfg_or_overrides, list) else cfg_or_overrides
+    )
+    recipe = recipe_class(cfg.algo.recipe)(cfg, run_dir)
+    try:
+        recipe.setup()
+        return recipe, recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` as a user runs it (offline hub, offline wandb)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics without wall-clock measurements."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
