@@ -23,17 +23,25 @@ def template_names() -> list[str]:
     return sorted(_NAMED_TEMPLATES)
 
 
-def check_template_args(chat_template_name: str | None, chat_template: str | None) -> None:
-    """Validate the template arguments of the wrapper (raises ``ValueError``/``TypeError``)."""
+def check_template_args(
+    chat_template_name: str | None,
+    chat_template: str | None,
+    keys: tuple[str, str] = ("chat_template_name", "chat_template"),
+) -> None:
+    """Validate a template choice (raises ``ValueError``/``TypeError``): the one home of this check for
+    the wrapper's arguments and the ``chat_template`` config group, whose ``keys`` the errors name."""
+    name_key, template_key = keys
     if chat_template_name is not None and chat_template is not None:
         raise ValueError(
-            "chat_template_name and chat_template are mutually exclusive: "
-            f"got chat_template_name={chat_template_name!r} and a custom chat_template."
+            f"{name_key} and {template_key} are mutually exclusive: "
+            f"got {name_key}={chat_template_name!r} and a custom {template_key}."
         )
     if chat_template_name is not None and chat_template_name not in _NAMED_TEMPLATES:
-        raise ValueError(f"chat_template_name must be one of {template_names()}, got {chat_template_name!r}.")
+        raise ValueError(f"{name_key} must be one of {template_names()}, got {chat_template_name!r}.")
     if chat_template is not None and not isinstance(chat_template, str):
-        raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}.")
+        raise TypeError(
+            f"{template_key} must be a Jinja template string, got {type(chat_template).__name__}."
+        )
 
 
 def _template_kwargs(tokenizer: Any, name: str | None, template: str | None) -> dict[str, Any]:

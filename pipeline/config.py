@@ -67,7 +67,7 @@ class ModelConfig:
         _require(
             bool(self.name_or_path),
             "model.name_or_path",
-            "a model id, local folder or builtin://NAME",
+            "a hub id, local folder, builtin://NAME or gguf://PACKAGE/FILE.gguf",
             self.name_or_path,
         )
         dev = self.device
@@ -89,16 +89,11 @@ class ChatTemplateConfig:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name is not None and self.template is not None:
-            raise ValueError("chat_template.name and chat_template.template are mutually exclusive.")
+        from pipeline.chat import check_template_args
+
+        check_template_args(self.name, self.template, keys=("chat_template.name", "chat_template.template"))
         if not self.use_chat and (self.name or self.template or self.system_prompt):
             raise ValueError("chat_template.name/template/system_prompt need chat_template.use_chat=true.")
-        if self.name is not None:
-            from pipeline.chat import template_names
-
-            _require(
-                self.name in template_names(), "chat_template.name", f"one of {template_names()}", self.name
-            )
 
 
 @dataclass
@@ -117,16 +112,15 @@ class GenerateConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "generate.num_samples", "an int >= 1", self.num_samples)
-        _require(self.max_new_tokens >= 1, "generate.max_new_tokens", "an int >= 1", self.max_new_tokens)
-        _require(self.temperature > 0, "generate.temperature", "> 0", self.temperature)
-        _require(self.top_k >= 0, "generate.top_k", ">= 0 (0 disables it)", self.top_k)
-        _require(0 < self.top_p <= 1, "generate.top_p", "in (0, 1]", self.top_p)
-        _require(self.repetition_penalty > 0, "generate.repetition_penalty", "> 0", self.repetition_penalty)
         from transformers import GenerationConfig
 
-        unknown = GenerationConfig().update(**dict(self.extra))
-        _require(not unknown, "generate.extra", "transformers.GenerationConfig fields only", sorted(unknown))
+        from pipeline.policy_args import updated_generation_config
+
+        _require(self.num_samples >= 1, "generate.num_samples", "an int >= 1", self.num_samples)
+        # the wrapper's own checks, so a bad value fails here, at composition, with the same rule
+        named = {k: v for k, v in self.generation_kwargs().items() if k not in self.extra}
+        updated_generation_config(GenerationConfig(), dict(self.extra), "generate.extra", log_probs=True)
+        updated_generation_config(GenerationConfig(), named, "generate.", log_probs=True)
 
     def generation_kwargs(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
@@ -145,13 +139,15 @@ class ArithmeticTaskConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.digits >= 1, "task.digits", "an int >= 1", self.digits)
-        _require(self.num_eval >= 1, "task.num_eval", "an int >= 1", self.num_eval)
-        _require(
-            bool(self.ops) and set(self.ops) <= set("+-*"),
-            "task.ops",
-            "a non-empty subset of '+-*'",
-            self.ops,
+        from pipeline.tasks import ArithmeticTask
+
+        ArithmeticTask.check_args(
+            digits=self.digits,
+            ops=self.ops,
+            num_eval=self.num_eval,
+            num_train=self.num_train,
+            seed=self.seed,
+            prefix="task.",
         )
 
 
@@ -166,7 +162,60 @@ class JsonlTaskConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(0 <= self.eval_fraction < 1, "task.eval_fraction", "in [0, 1)", self.eval_fraction)
+        from pipeline.tasks import check_fraction
+
+        check_fraction("task.eval_fraction", self.eval_fraction)
+
+
+class AnswerExtractor(Enum):
+    none = "none"  # the answer field as it is
+    gsm8k = "gsm8k"  # the text after "#### ", commas removed
+    regex = "regex"  # task.answer_regex's first group, or its whole match
+
+
+@dataclass
+class HFDatasetTaskConfig:
+    """Types only: ``HFDatasetTask`` checks the values, the splits and the fields when it is built
+    (one home for every check; the recipe builds the task before it loads a model)."""
+
+    _target_: str = "pipeline.hf_dataset.HFDatasetTask"
+    path: str = MISSING
+    name: str | None = None
+    revision: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = 0.1
+    prompt_field: str | None = "prompt"
+    messages_field: str | None = None
+    answer_field: str = "answer"
+    answer_extractor: AnswerExtractor = AnswerExtractor.none
+    answer_regex: str | None = None
+    max_examples: int | None = None
+    streaming: bool = False
+    cache_dir: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ChatArithmeticTaskConfig:
+    _target_: str = "pipeline.tasks.ChatArithmeticTask"
+    num_terms: int = 2
+    digits: int = 2
+    ops: str = "+"
+    template: str = "What is {expr}? Reply with only the number."  # the user message; {expr}: "23 + 58"
+    num_eval: int = 200
+    num_train: int | None = None  # None: every problem not held out (small problem spaces only)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_terms >= 2, "task.num_terms", "an int >= 2", self.num_terms)
+        _require(self.digits >= 1, "task.digits", "an int >= 1", self.digits)
+        _require(self.num_eval >= 1, "task.num_eval", "an int >= 1", self.num_eval)
+        ok_train = self.num_train is None or self.num_train >= 1
+        _require(ok_train, "task.num_train", "null or an int >= 1", self.num_train)
+        ok_ops = bool(self.ops) and set(self.ops) <= set("+-*")
+        _require(ok_ops, "task.ops", "a non-empty subset of '+-*'", self.ops)
+        _require("{expr}" in self.template, "task.template", "a string containing {expr}", self.template)
 
 
 @dataclass
@@ -193,7 +242,8 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
+    name: str = "grpo"  # a label for runs and tables; behaviour comes from the fields below
+    recipe: str = "pipeline.recipe.GRPORecipe"  # the recipe class train.py runs
     advantage: Advantage = Advantage.grpo
     std_normalize: bool = True
     adv_eps: float = 1e-4
@@ -320,9 +370,10 @@ class TrainConfig:
         )
         sizes = derived_sizes(self)
         g = self.generate.num_samples
-        if self.algo.name in ("grpo", "rloo") and g < 2:
+        if self.algo.advantage in (Advantage.grpo, Advantage.rloo) and g < 2:
             raise ValueError(
-                f"generate.num_samples must be >= 2 for {self.algo.name} (group-relative advantages), got {g}."
+                f"generate.num_samples must be >= 2 for algo.advantage={self.algo.advantage.value} "
+                f"(group-relative advantages), got {g}."
             )
         if sizes["rollout"] % self.trainer.num_minibatches:
             raise ValueError(
@@ -356,6 +407,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="task", name="base_arithmetic", node=ArithmeticTaskConfig)
     cs.store(group="task", name="base_jsonl", node=JsonlTaskConfig)
+    cs.store(group="task", name="base_hf_dataset", node=HFDatasetTaskConfig)
+    cs.store(group="task", name="base_chat_arithmetic", node=ChatArithmeticTaskConfig)
 
 
 def instantiate_node(node: Any, key: str, **kwargs: Any) -> Any:
@@ -391,6 +444,8 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     task_schemas = {
         ArithmeticTaskConfig._target_: ArithmeticTaskConfig,
         JsonlTaskConfig._target_: JsonlTaskConfig,
+        HFDatasetTaskConfig._target_: HFDatasetTaskConfig,
+        ChatArithmeticTaskConfig._target_: ChatArithmeticTaskConfig,
     }
     schema = OmegaConf.structured(TrainConfig)
     if task.get("_target_") in task_schemas:

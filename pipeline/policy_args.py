@@ -130,12 +130,13 @@ def updated_generation_config(
     """A copy of ``cfg`` with ``kwargs`` applied, validated (errors name ``where``)."""
     for key, why in MANAGED.items():
         if key in kwargs:
-            raise ValueError(f"{where}[{key!r}] is managed by the wrapper: {why}.")
+            raise ValueError(f"{_field(where, key)} is managed by the wrapper: {why}.")
+    _check_fields(kwargs, where)
     cfg = copy.deepcopy(cfg)
     unknown = cfg.update(**kwargs)
     if unknown:
         raise ValueError(
-            f"{where} has keys that are not transformers.GenerationConfig fields: {sorted(unknown)}."
+            f"{where.rstrip('.')} has keys that are not transformers.GenerationConfig fields: {sorted(unknown)}."
         )
     check_generation_config(cfg, where)
     if log_probs and (cfg.num_beams or 1) > 1:
@@ -143,28 +144,38 @@ def updated_generation_config(
     return cfg
 
 
-def check_generation_config(cfg: GenerationConfig, where: str) -> None:
+def _field(where: str, key: str) -> str:
+    """How an error names a field: ``generate_kwargs['top_p']`` for the wrapper's arguments,
+    ``generate.top_p`` for a config group (``where`` ending with a dot)."""
+    return f"{where}{key}" if where.endswith(".") else f"{where}[{key!r}]"
+
+
+def _check_fields(values: dict[str, Any], where: str) -> None:
     checks = {
-        "max_new_tokens": (cfg.max_new_tokens, lambda v: isinstance(v, int) and v > 0, "a positive int"),
-        "min_new_tokens": (cfg.min_new_tokens, lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
-        "temperature": (
-            cfg.temperature,
-            lambda v: isinstance(v, (int, float)) and v > 0,
-            "a positive number",
-        ),
-        "top_p": (cfg.top_p, lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": (cfg.top_k, lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
-        "num_beams": (cfg.num_beams, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+        "max_new_tokens": (lambda v: isinstance(v, int) and v > 0, "a positive int"),
+        "min_new_tokens": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+        "temperature": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"),
+        "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+        "num_beams": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+        "repetition_penalty": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"),
     }
-    for key, (value, ok, expected) in checks.items():
+    for key, (ok, expected) in checks.items():
+        value = values.get(key)
         if value is not None and (isinstance(value, bool) or not ok(value)):
-            raise ValueError(f"{where}[{key!r}] must be {expected}, got {value!r}.")
+            raise ValueError(f"{_field(where, key)} must be {expected}, got {value!r}.")
+
+
+def check_generation_config(cfg: GenerationConfig, where: str) -> None:
+    """The one home of the sampling-argument checks: the wrapper's ``generate_kwargs``, its runtime
+    overrides and the ``generate`` config group all go through here."""
+    _check_fields({k: getattr(cfg, k, None) for k in cfg.to_dict()}, where)
     try:
         cfg.validate(strict=True)
     except TypeError:  # older transformers: no `strict`
         cfg.validate()
     except ValueError as err:
-        raise ValueError(f"{where}: invalid generation arguments: {err}") from err
+        raise ValueError(f"{where.rstrip('.')}: invalid generation arguments: {err}") from err
 
 
 def check_tokenizer_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.config import TrainConfig, derived_sizes, register_configs, validate
+from pipeline.config import TrainConfig, derived_sizes, validate
+from tests.helpers import CONF, compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 # Options that need a value the user must supply (??? in the YAML).
-REQUIRED = {("task", "jsonl"): ["task.path=data.jsonl"]}
+REQUIRED = {("task", "jsonl"): ["task.path=data.jsonl"], ("task", "hf_dataset"): ["task.path=data.parquet"]}
 
 
 def _options():
     for group in GROUPS:
         for path in sorted((CONF / group).glob("*.yaml")):
             yield group, path.stem
-
-
-def compose_train(overrides: list[str] | None = None, return_hydra_config: bool = False):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides or [], return_hydra_config=return_hydra_config)
 
 
 def test_every_group_has_options():

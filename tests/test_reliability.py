@@ -51,6 +51,7 @@ def test_same_config_and_seed_give_identical_metrics(saved_tiny, tmp_path):
     assert comparable(read_metrics(tmp_path / "c")) != a and other.step == 3
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(saved_tiny, tmp_path):
     args = [*RUN, f"model.name_or_path={saved_tiny}"]
     ref = run_train([*args, f"hydra.run.dir={tmp_path / 'ref'}"])
@@ -112,6 +113,7 @@ _SLOW_WRITE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(saved_tiny, tmp_path):
     root = tmp_path / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(saved_tiny), str(root)], cwd=ROOT, env=_env(),
@@ -130,6 +132,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(saved_tiny, 
     assert [p.name for p in root.iterdir()] == ["step_000001"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(saved_tiny, tmp_path):
     run_dir = tmp_path / "run"
     args = [*RUN, f"model.name_or_path={saved_tiny}", "trainer.save_every=0", "logger=none"]

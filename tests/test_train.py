@@ -38,6 +38,7 @@ def test_in_process_two_steps(saved_tiny, tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000001", "step_000002"]
 
 
+@pytest.mark.slow
 def test_subprocess_end_to_end_with_wandb_offline(saved_tiny, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*SMALL_RUN, f"model.name_or_path={saved_tiny}", f"hydra.run.dir={run_dir}"])
@@ -61,6 +62,7 @@ def test_subprocess_end_to_end_with_wandb_offline(saved_tiny, tmp_path):
     assert logged["config"]["generate"]["temperature"] == 1.0
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_folder(saved_tiny, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "generate.temperature=0.5,1.0", *SMALL_RUN, "trainer.steps=1", "trainer.eval_every=0",
@@ -82,6 +84,7 @@ def test_multirun_sweep_gives_each_job_its_folder(saved_tiny, tmp_path):
     assert temps == ["generate.temperature=0.5", "generate.temperature=1.0"]
 
 
+@pytest.mark.slow
 def test_hub_model_offline_fails_fast_and_local_copy_works(saved_tiny, tmp_path):
     proc = run_train(
         ["model=gpt2", "generate.temperature=0.7", "logger=none", f"hydra.run.dir={tmp_path / 'a'}"]
@@ -107,6 +110,7 @@ def test_other_algorithms_run(saved_tiny, tmp_path, algo):
     assert "loss/entropy" in read_metrics(tmp_path)[-1]
 
 
+@pytest.mark.slow
 def test_default_job_learns_on_the_embedded_model(tmp_path):
     """`python train.py`'s model and task, shortened: GRPO must raise held-out greedy accuracy."""
     cfg = validate(
