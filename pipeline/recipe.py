@@ -30,7 +30,15 @@ from pipeline.build import build_policy, load_model_and_tokenizer
 from pipeline.config import TrainConfig, derived_sizes, instantiate_node
 from pipeline.loggers import RunLogger
 from pipeline.logprobs import entropy_from_logits, fit_width
-from pipeline.metrics import UpdateStats, completion_rows, perf_metrics, reward_metrics, rollout_metrics
+from pipeline.distributed import Distributed, NullLogger
+from pipeline.metrics import (
+    UpdateStats,
+    completion_rows,
+    eval_metrics,
+    perf_metrics,
+    reward_metrics,
+    rollout_metrics,
+)
 from pipeline.policy import TransformersWrapper
 from pipeline.rewards import RewardResult, RewardSet
 from pipeline.runtime import PhaseTimer, StopRequest, TrainingError, seed_everything, write_run_info
@@ -42,18 +50,24 @@ __all__ = ["GRPORecipe", "TrainingError"]
 class GRPORecipe:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, group: str | None = None) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.dist = Distributed(cfg)  # torchrun ranks with trainer.strategy=ddp; identities otherwise
+        self.run_dir = self.dist.shared_path(run_dir)  # rank 0's run folder on every rank
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.group = group
-        self.sizes = derived_sizes(cfg)
+        self.sizes = self.dist.local_sizes(derived_sizes(cfg), cfg.trainer.micro_batch_size)  # per rank
         self.resume_from = self._resume_path()
         # Data and reward errors surface before any model is loaded.
         self.task = instantiate_node(cfg.task, "task")
         self.rewards = RewardSet.from_config(cfg.reward)
+        if not cfg.chat_template.use_chat and any(e.messages for e in self.task.train_examples[:1]):
+            raise ValueError(
+                "the task gives conversations (task.messages_field): they need a chat template, "
+                "e.g. chat_template=tokenizer."
+            )
         self.step = 0
         self.nonfinite_in_row = 0
         self.last_accuracy = float("nan")
-        self.logger: RunLogger | None = None
+        self.logger: RunLogger | NullLogger = NullLogger()  # ranks > 0 keep this one
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.trainer.resume
@@ -90,7 +104,7 @@ class GRPORecipe:
         self.policy = build_policy(cfg, "generate", model=self.model, **shared)
         self.greedy = build_policy(cfg, "greedy", model=self.model, **shared)
         self.scorer = build_policy(
-            cfg, "score", model=self.model, return_logits=cfg.algo.entropy_coef > 0, **shared
+            cfg, "score", model=self.dist.wrap(self.model), return_logits=cfg.algo.entropy_coef > 0, **shared
         )
         self.ref_scorer = None
         if cfg.algo.kl_coef > 0:  # a frozen copy of the initial weights
@@ -129,6 +143,8 @@ class GRPORecipe:
 
     def _setup_logger(self) -> None:
         cfg = self.cfg
+        if not self.dist.is_main:  # rank 0 alone writes the run folder, wandb, metrics and plots
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(self.run_dir, cfg)
         self.logger = RunLogger(
@@ -144,6 +160,8 @@ class GRPORecipe:
 
     def _print_sizes(self) -> None:
         cfg, s = self.cfg, self.sizes
+        if self.dist.enabled:
+            print(f"[dist] rank {self.dist.rank}: {self.dist.describe()}; sizes below are per rank", flush=True)
         print(
             f"[sizes] {cfg.trainer.prompts_per_step} prompts x {cfg.generate.num_samples} samples = {s['rollout']} "
             f"sequences/step; {cfg.trainer.num_minibatches} minibatch(es) of {s['minibatch']} x {cfg.algo.ppo_epochs} "
@@ -162,16 +180,17 @@ class GRPORecipe:
             while self.step < tr.steps:
                 timer = PhaseTimer()
                 with timer("collect"):  # 1. G samples per prompt, with behaviour log-probs
-                    examples = self.task.sample(tr.prompts_per_step)
-                    rollout = self.collect(examples)
+                    examples = self.task.sample(tr.prompts_per_step)  # the global batch, on every rank
+                    mine, rollout = self.dist.collect(self.collect, examples, self.step)  # this rank's groups
                 with timer("reward"):  # 2. rewards -> group-relative advantages
-                    rewards, zero_var = self.score(rollout, examples)
+                    rewards, zero_var = self.score(rollout, mine)
                 with timer("ref"):  # 3. reference log-probs, once per rollout
                     self.reference_log_probs(rollout)
                 with timer("update"):  # 4. ppo_epochs x minibatches, micro-batches accumulated
                     update = self.update(rollout)
                     self.scheduler.step()
                 self.step += 1
+                rewards, zero_var, rollout = self.dist.gather_for_metrics(rewards, zero_var, rollout)
                 metrics = {  # 5. log, evaluate, save
                     **reward_metrics(rewards, self.cfg.reward.accuracy, zero_var),
                     **rollout_metrics(rollout, self.cfg.generate.max_new_tokens),
@@ -182,7 +201,7 @@ class GRPORecipe:
                     ),
                 }
                 self._log_step(metrics, rollout, examples)
-                if stop.requested:
+                if self.dist.any(stop.requested):  # on any rank
                     self.save_checkpoint()
                     raise KeyboardInterrupt(
                         f"stopped by {stop.requested} after step {self.step}; checkpoint saved"
@@ -227,13 +246,20 @@ class GRPORecipe:
         return rollout
 
     def _prompt_batch(self, examples: list[Example]) -> TensorDict:
-        prompts = [e.prompt for e in examples]
+        """Plain-text prompts, or with a chat template a ``History`` per example: its conversation
+        (``Example.messages``) or one user turn, after the configured system prompt."""
         chat = self.cfg.chat_template
         if not chat.use_chat:
-            return TensorDict(text=prompts, batch_size=[len(prompts)])
-        system = [{"role": "system", "content": chat.system_prompt}] if chat.system_prompt else []
-        history = History.from_chats([[*system, {"role": "user", "content": p}] for p in prompts])
-        return TensorDict(history=history, batch_size=[len(prompts)])
+            return TensorDict(text=[e.prompt for e in examples], batch_size=[len(examples)])
+        chats = []
+        for e in examples:
+            turns = (
+                [m._asdict() for m in e.messages] if e.messages else [{"role": "user", "content": e.prompt}]
+            )
+            if chat.system_prompt and turns[0]["role"] != "system":
+                turns.insert(0, {"role": "system", "content": chat.system_prompt})
+            chats.append(turns)
+        return TensorDict(history=History.from_chats(chats), batch_size=[len(examples)])
 
     def score(self, rollout: TensorDict, examples: list[Example]) -> tuple[RewardResult, torch.Tensor]:
         """Rewards of the completions and their group-relative advantages, written into the rollout."""
@@ -280,12 +306,12 @@ class GRPORecipe:
         loss_mask = rollout["tokens_response_mask"] & rollout["valid"].unsqueeze(-1)
         stats = UpdateStats()
         for epoch in range(algo.ppo_epochs):
-            for mb_index, mb in enumerate(torch.randperm(len(rollout)).split(sizes["minibatch"])):
+            for mb_index, mb in enumerate(self.dist.permutation(len(rollout)).split(sizes["minibatch"])):
                 # normalisers of the whole minibatch, so the accumulated micro-batch losses add up to its loss
-                n_tokens, n_seqs = float(loss_mask[mb].sum()), float(rollout["valid"][mb].sum())
+                n_tokens, n_seqs = self.dist.all_sum(loss_mask[mb].sum(), rollout["valid"][mb].sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_loss = 0.0
-                for micro in mb.split(sizes["micro_batch"]):
+                for micro in self.dist.accumulate(mb.split(sizes["micro_batch"])):
                     batch, m = rollout[micro], loss_mask[micro]
                     lp, entropy = self._log_probs(self.scorer, batch)
                     per_token, token_stats = algos.policy_loss(
@@ -312,8 +338,8 @@ class GRPORecipe:
                     if epoch == 0 and mb_index == 0:
                         stats.add_gen_train_diff(token_stats["log_ratio"], m)
                     stats.add_tokens(token_stats, m)
-                self._optimizer_step(mb_loss, stats)
-        return stats.summary()
+                self._optimizer_step(self.dist.all_sum(mb_loss)[0], stats)
+        return self.dist.gather_stats(stats).summary()
 
     def _optimizer_step(self, loss: float, stats: UpdateStats) -> None:
         """Clip and step; a non-finite loss or gradient norm skips the step (and aborts after too many)."""
@@ -342,7 +368,7 @@ class GRPORecipe:
         A failing accuracy reward is handled as in training (``reward.on_error``): ``zero`` counts the
         sample as wrong, ``drop`` leaves it out of the accuracy, ``fail`` stops the run.
         """
-        examples = self.task.eval_examples[: self.cfg.trainer.eval_size]
+        examples = self.dist.shard(self.task.eval_examples[: self.cfg.trainer.eval_size])
         name = self.cfg.reward.accuracy
         scores, lengths = [], []
         for start in range(0, len(examples), 256):
@@ -356,15 +382,10 @@ class GRPORecipe:
                         name, completions, [e.answer for e in chunk], [e.prompt for e in chunk]
                     )
                 )
-        values = torch.cat(scores) if scores else torch.zeros(0)
-        failed = ~torch.isfinite(values)
-        kept = values[~failed] if self.rewards.on_error == "drop" else values
-        self.last_accuracy = float(np.mean((kept == 1.0).tolist())) if kept.numel() else float("nan")
-        return {
-            "eval/accuracy": self.last_accuracy,
-            "eval/len_mean": float(np.mean(lengths)),
-            "eval/reward_failures": int(failed.sum()),
-        }
+        values, lengths = self.dist.gather_all(torch.cat(scores) if scores else torch.zeros(0), lengths)
+        out = eval_metrics(values, lengths, drop_failed=self.rewards.on_error == "drop")
+        self.last_accuracy = out["eval/accuracy"]
+        return out
 
     def save_checkpoint(self) -> Path:
         state = {
@@ -373,7 +394,8 @@ class GRPORecipe:
             "wandb_id": self.logger.wandb_id if self.logger else None,
             "seed": self.cfg.seed,
         }
-        return checkpoint.save_checkpoint(
+        return self.dist.on_main(  # after a barrier, from rank 0
+            checkpoint.save_checkpoint,
             self.ckpt_dir,
             self.step,
             model=self.model,
@@ -388,13 +410,13 @@ class GRPORecipe:
     def save_final_model(self) -> Path:
         """The trained policy in Hugging Face format: ``from_pretrained(run_dir / 'final_model')``."""
         path = self.run_dir / "final_model"
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        self.dist.on_main(self.model.save_pretrained, path, safe_serialization=True)
+        self.dist.on_main(self.tokenizer.save_pretrained, path)
         return path
 
     def cleanup(self) -> None:
-        if self.logger is not None:
-            try:
-                self.logger.plot()
-            finally:
-                self.logger.close()
+        try:
+            self.logger.plot()
+        finally:
+            self.logger.close()
+            self.dist.close()

@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
 
 from pipeline.build import build_policy, load_model_and_tokenizer
-from pipeline.config import register_configs
+from pipeline.config import register_configs, validate
 from pipeline.recipe import GRPORecipe
 from pipeline.tiny import CHATML_TEMPLATE
-from tests.helpers import CONF, SMALL_RUN
+from tests.helpers import CONF, SMALL_RUN, read_metrics, run_recipe
 
 
 def _user_config(overrides: list[str]):
@@ -68,8 +70,6 @@ def test_compose_build_generate_and_collect_with_torchrl(saved_tiny):
 def test_recipe_policy_equals_the_built_policy(saved_tiny, tmp_path):
     overrides = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "generate.temperature=0.7",
                  "chat_template=custom", f"chat_template.template={CHATML_TEMPLATE!r}"]  # fmt: skip
-    from pipeline.config import validate
-
     cfg = validate(_user_config(overrides))
     recipe = GRPORecipe(cfg, tmp_path)
     recipe.setup()
@@ -87,3 +87,34 @@ def test_recipe_policy_equals_the_built_policy(saved_tiny, tmp_path):
     assert torch.equal(ours["tokens_response"], theirs["tokens_response"])
     assert torch.equal(ours["log_probs"], theirs["log_probs"])
     assert built.log_probs_temperature == recipe.policy.log_probs_temperature == 0.7
+
+
+def test_conversations_from_a_messages_column_train(saved_tiny, tmp_path):
+    """task=hf_dataset with a messages column: conversations of different lengths render through the
+    chat template (system prompt added only where the conversation has none) and train."""
+
+    rows = []
+    for i in range(12):
+        turns = [{"role": "user", "content": f"{i}+1="}]
+        if i % 2:
+            turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "hello"}, *turns]  # fmt: skip
+        rows.append({"messages": turns, "answer": str(i + 1)})
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "task=hf_dataset",
+                 f"task.path={data}", "task.prompt_field=null", "task.messages_field=messages",
+                 "chat_template=custom", f"chat_template.template={CHATML_TEMPLATE!r}",
+                 "chat_template.system_prompt=Answer with a number."]  # fmt: skip
+    recipe, _ = run_recipe(validate(_user_config(overrides)), tmp_path / "run")
+    examples = recipe.task.train_examples + recipe.task.eval_examples
+    short = next(e for e in examples if len(e.messages) == 1)
+    long = next(e for e in examples if len(e.messages) > 1)
+    texts = sorted(set(recipe.policy(recipe._prompt_batch([short, long])).reshape(-1)["text"]))
+    assert [t.count("<|im_start|>system") for t in texts] == [1, 1]
+    assert {"Answer with a number." in t for t in texts} == {True, False}  # added only where none was given
+    assert any("<|im_start|>assistant\nhello" in t for t in texts)
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 2
+    plain = [o for o in overrides if not o.startswith("chat_template")]
+    with pytest.raises(ValueError, match="chat template"):
+        GRPORecipe(validate(_user_config(plain)), tmp_path / "plain")
