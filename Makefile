@@ -48,7 +48,7 @@ run: $(STAMP)
 	$(BIN)/python train.py $(ARGS)
 
 # The full gate (what CI runs); test-fast skips the slow subprocess, multi-run and real-model tests.
-test: $(STAMP)
+test: $(STAMP) $(SMOLLM2_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,8 +1,10 @@
 """Loading models and tokenizers from config: the embedded model, local folders or the hub.
 
-``builtin://NAME`` resolves to ``pipeline/assets/NAME`` (shipped with the package). Anything else
-goes to ``from_pretrained``: a local folder is read directly; a hub id needs the network or a
-populated cache, and failing that the error says how to point ``model.name_or_path`` at a local copy.
+``builtin://NAME`` resolves to ``pipeline/assets/NAME`` (shipped with the package);
+``gguf://PACKAGE/FILE.gguf`` (or ``gguf:///path/FILE.gguf``) to a Hugging Face folder converted once
+into the cache (:mod:`pipeline.gguf`). Anything else goes to ``from_pretrained``: a local folder is
+read directly; a hub id needs the network or a populated cache, and failing that the error says how
+to point ``model.name_or_path`` at a local copy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipeline.config import DType, ModelConfig, TokenizerConfig
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = "builtin://"
+GGUF = "gguf://"
 
 
 class ModelLoadError(ValueError):
@@ -34,7 +37,12 @@ class ModelLoadError(ValueError):
 
 
 def resolve_path(name_or_path: str, key: str = "model.name_or_path") -> str:
-    """Map ``builtin://NAME`` to the packaged folder; other values pass through."""
+    """Map ``builtin://NAME`` to the packaged folder and ``gguf://...`` to its converted cache
+    folder (converting on first use); other values (hub ids, local folders) pass through."""
+    if name_or_path.startswith(GGUF):
+        from pipeline import gguf  # imports this module: load it only for GGUF sources
+
+        return gguf.resolve(name_or_path, key)
     if name_or_path.startswith(BUILTIN):
         name = name_or_path[len(BUILTIN) :]
         path = ASSETS / name
@@ -52,8 +60,11 @@ def resolve_path(name_or_path: str, key: str = "model.name_or_path") -> str:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``auto``/``cuda`` under torchrun mean this rank's GPU (``LOCAL_RANK``)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"model.device={device!r} but CUDA is not available on this machine; use model.device=cpu."
