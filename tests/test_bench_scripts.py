@@ -38,3 +38,20 @@ def test_bench_wrapper_tiny_prints_one_table():
             assert re.search(r"time <= 1\.05x: (PASS|FAIL); mem <= 1\.30x: (PASS|FAIL)", rows[0]), rows[0]
     assert "same sampled tokens in all methods: yes" in out, out
     assert re.search(r"max \|log_prob\(ours\) - log_prob\(logits\)\| = (\S+)", out), out
+
+
+def test_benchlib_order_statistics_and_table():
+    """The shared measuring helpers: rotating order, warm-up drop, paired ratio, aligned columns."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchlib", ROOT / "scripts" / "benchlib.py")
+    lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lib)
+    order = " ".join(side for _, side in lib.alternating(["ours", "trl"], 3))
+    assert order == "ours trl trl ours ours trl"
+    runs = [{"steps": [{"t": 9.0}, {"t": 1.0}, {"t": 2.0}]}, {"steps": [{"t": 9.0}, {"t": 3.0}]}]
+    assert [s["t"] for s in lib.kept_steps(runs)] == [1.0, 2.0, 3.0]
+    assert lib.paired_ratio([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == 2.0
+    assert lib.quartiles([1.0]) == (1.0, 1.0)
+    table = lib.format_table([("side", "s"), ("ours", "1.5"), ("trl", "10.25")], "<>")
+    assert table == ["side      s", "ours    1.5", "trl   10.25"]
