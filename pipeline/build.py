@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline import lora
 from pipeline.config import TrainConfig, validate
 from pipeline.models import (
     check_model_source,
@@ -44,7 +45,8 @@ def load_model_and_tokenizer(
 
     Everything that can be checked without the weights is checked first: the model source, the
     tokenizer, the chat template, and that ``prompts`` plus ``generate.max_new_tokens`` fit the
-    context. ``weights`` loads the weights from another folder (a checkpoint's ``model/``).
+    context. ``weights`` loads the weights from another folder (a checkpoint's ``model/``; LoRA
+    adapters there go on the base model of ``model.name_or_path``).
     """
     cfg = as_train_config(cfg)
     device = resolve_device(cfg.model.device)
@@ -53,7 +55,10 @@ def load_model_and_tokenizer(
     if prompts:
         check_prompts_fit(prompts, tokenizer, config, cfg.generate.max_new_tokens)
     check_chat_template(cfg, tokenizer)
-    model = load_model(cfg.model, weights or path, device, resolve_dtype(cfg.model.dtype, device), config)
+    adapter = weights if lora.is_adapter_folder(weights) else None  # a LoRA checkpoint: base + adapters
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = load_model(cfg.model, (None if adapter else weights) or path, device, dtype, config)
+    model = lora.attach(model, cfg.model.lora, adapter)  # model.lora.enabled: only the adapters train
     return model.eval(), tokenizer  # eval: no dropout noise in rollouts or updates
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tensordict import TensorDict
 from torchrl.data.llm import History
 
 try:  # the registry of named templates; private in torchrl, so guarded.
@@ -93,3 +94,18 @@ def render_prompt_response(
         prompts.append(prompt)
         responses.append(full[len(prompt) :])
     return prompts, responses
+
+
+def prompt_batch(examples: list[Any], chat: Any) -> TensorDict:
+    """The policy's input for ``examples`` (``pipeline.tasks.Example``) under the ``chat_template`` config:
+    plain-text prompts, or with a chat template a ``History`` per example: its conversation
+    (``Example.messages``) or one user turn, after the configured system prompt."""
+    if not chat.use_chat:
+        return TensorDict(text=[e.prompt for e in examples], batch_size=[len(examples)])
+    chats = []
+    for e in examples:
+        turns = [m._asdict() for m in e.messages] if e.messages else [{"role": "user", "content": e.prompt}]
+        if chat.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": chat.system_prompt})
+        chats.append(turns)
+    return TensorDict(history=History.from_chats(chats), batch_size=[len(examples)])

@@ -73,8 +73,12 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     keep_last: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write ``root/step_NNNNNN`` atomically and prune to the newest ``keep_last``."""
+    """Write ``root/step_NNNNNN`` atomically and prune to the newest ``keep_last``.
+
+    ``extra`` maps a name to a state dict of tensors saved as ``NAME.pt`` (e.g. PPO's ``critic``).
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
@@ -85,6 +89,8 @@ def save_checkpoint(
     tokenizer.save_pretrained(tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for name, tensors in (extra or {}).items():
+        torch.save(tensors, tmp / f"{name}.pt")
     tensors, plain = rng_state()
     torch.save(tensors, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
@@ -121,6 +127,18 @@ def clean_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def resume_path(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: ``auto`` is the newest complete one under ``root`` (none
+    yet: a fresh start; half-written ones are removed), a path is checked; ``None``: no resume."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        clean_partial(root)
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    return check_checkpoint(Path(resume))
+
+
 def check_checkpoint(path: Path, key: str = "trainer.resume") -> Path:
     """Validate a checkpoint folder given by the user (before any model loading)."""
     path = Path(path).expanduser()
@@ -145,3 +163,14 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], dic
     sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
     rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     return state, optim, sched, rng
+
+
+def load_extra(path: Path, name: str, key: str = "trainer.resume") -> dict[str, torch.Tensor]:
+    """A state dict saved through ``save_checkpoint(extra={name: ...})``, loaded weights-only."""
+    file = path / f"{name}.pt"
+    if not file.is_file():
+        raise ValueError(
+            f"{key}={str(path)!r} has no {file.name}: the checkpoint was written by a run without a {name} "
+            "(e.g. a GRPO run resumed as PPO)."
+        )
+    return torch.load(file, weights_only=True, map_location="cpu")

@@ -15,41 +15,39 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class DType(Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float64 = "float64"
-
-
-class Advantage(Enum):
-    grpo = "grpo"  # (r - mean) / (std + eps) within each group; std_normalize=false is Dr. GRPO
-    rloo = "rloo"  # leave-one-out baseline
-
-
-class LossAgg(Enum):
-    token_mean = "token_mean"
-    seq_mean = "seq_mean"
-    seq_sum_norm = "seq_sum_norm"
+from pipeline.config_algo import AlgoConfig
+from pipeline.config_tasks import (
+    ArithmeticTaskConfig,
+    ChatArithmeticTaskConfig,
+    EvalConfig,
+    HFDatasetTaskConfig,
+    JsonlTaskConfig,
+    RewardConfig,
+)
+from pipeline.config_types import (
+    Advantage,
+    CriticKind,
+    DType,
+    WandbMode,
+    _require,
+)
 
 
-class OnError(Enum):
-    zero = "zero"  # a failed reward scores 0
-    drop = "drop"  # the sample is left out of the loss
-    fail = "fail"  # stop the run
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``pip install -e '.[lora]'``): only the adapters train, and the
+    reference log-probs come from the same model with the adapters disabled."""
 
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0  # the adapter output is scaled by alpha / r
+    dropout: float = 0.0  # inactive anyway: rollouts and updates run the model in eval mode
+    target_modules: list[str] = field(default_factory=list)  # []: every linear layer but the output head
 
-class WandbMode(Enum):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-def _require(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {expected}, got {value!r}.")
+    def __post_init__(self) -> None:
+        _require(isinstance(self.r, int) and self.r >= 1, "model.lora.r", "an integer >= 1", self.r)
+        _require(self.alpha > 0, "model.lora.alpha", "> 0", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", "in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -62,6 +60,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     fused_activation: bool = True  # run GPT-2's gelu_new as the same function's fused kernel
+    lora: LoraConfig = field(default_factory=LoraConfig)  # peft adapters (pipeline.lora)
 
     def __post_init__(self) -> None:
         _require(
@@ -130,140 +129,6 @@ class GenerateConfig:
 
 
 @dataclass
-class ArithmeticTaskConfig:
-    _target_: str = "pipeline.tasks.ArithmeticTask"
-    digits: int = 2
-    ops: str = "+"
-    num_eval: int = 200
-    num_train: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from pipeline.tasks import ArithmeticTask
-
-        ArithmeticTask.check_args(
-            digits=self.digits,
-            ops=self.ops,
-            num_eval=self.num_eval,
-            num_train=self.num_train,
-            seed=self.seed,
-            prefix="task.",
-        )
-
-
-@dataclass
-class JsonlTaskConfig:
-    _target_: str = "pipeline.tasks.JsonlTask"
-    path: str = MISSING
-    eval_path: str | None = None
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    eval_fraction: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from pipeline.tasks import check_fraction
-
-        check_fraction("task.eval_fraction", self.eval_fraction)
-
-
-class AnswerExtractor(Enum):
-    none = "none"  # the answer field as it is
-    gsm8k = "gsm8k"  # the text after "#### ", commas removed
-    regex = "regex"  # task.answer_regex's first group, or its whole match
-
-
-@dataclass
-class HFDatasetTaskConfig:
-    """Types only: ``HFDatasetTask`` checks the values, the splits and the fields when it is built
-    (one home for every check; the recipe builds the task before it loads a model)."""
-
-    _target_: str = "pipeline.hf_dataset.HFDatasetTask"
-    path: str = MISSING
-    name: str | None = None
-    revision: str | None = None
-    split: str = "train"
-    eval_split: str | None = None
-    eval_fraction: float = 0.1
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = None
-    answer_field: str = "answer"
-    answer_extractor: AnswerExtractor = AnswerExtractor.none
-    answer_regex: str | None = None
-    max_examples: int | None = None
-    streaming: bool = False
-    cache_dir: str | None = None
-    seed: int = 0
-
-
-@dataclass
-class ChatArithmeticTaskConfig:
-    _target_: str = "pipeline.tasks.ChatArithmeticTask"
-    num_terms: int = 2
-    digits: int = 2
-    ops: str = "+"
-    template: str = "What is {expr}? Reply with only the number."  # the user message; {expr}: "23 + 58"
-    num_eval: int = 200
-    num_train: int | None = None  # None: every problem not held out (small problem spaces only)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _require(self.num_terms >= 2, "task.num_terms", "an int >= 2", self.num_terms)
-        _require(self.digits >= 1, "task.digits", "an int >= 1", self.digits)
-        _require(self.num_eval >= 1, "task.num_eval", "an int >= 1", self.num_eval)
-        ok_train = self.num_train is None or self.num_train >= 1
-        _require(ok_train, "task.num_train", "null or an int >= 1", self.num_train)
-        ok_ops = bool(self.ops) and set(self.ops) <= set("+-*")
-        _require(ok_ops, "task.ops", "a non-empty subset of '+-*'", self.ops)
-        _require("{expr}" in self.template, "task.template", "a string containing {expr}", self.template)
-
-
-@dataclass
-class RewardConfig:
-    functions: dict[str, Any] = field(default_factory=dict)
-    accuracy: str | None = None  # the reward function whose value 1.0 means "correct"
-    on_error: OnError = OnError.zero
-
-    def __post_init__(self) -> None:
-        for name, fn in self.functions.items():
-            if not isinstance(fn, dict) or "_target_" not in fn:
-                raise ValueError(f"reward.functions.{name} must be a node with a _target_, got {fn!r}.")
-            weight = fn.get("weight", 1.0)
-            _require(isinstance(weight, (int, float)) and not isinstance(weight, bool),
-                     f"reward.functions.{name}.weight", "a number", weight)  # fmt: skip
-        if self.accuracy is not None:
-            _require(
-                self.accuracy in self.functions,
-                "reward.accuracy",
-                f"one of {sorted(self.functions)}",
-                self.accuracy,
-            )
-
-
-@dataclass
-class AlgoConfig:
-    name: str = "grpo"  # a label for runs and tables; behaviour comes from the fields below
-    recipe: str = "pipeline.recipe.GRPORecipe"  # the recipe class train.py runs
-    advantage: Advantage = Advantage.grpo
-    std_normalize: bool = True
-    adv_eps: float = 1e-4
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.02
-    entropy_coef: float = 0.0
-    loss_agg: LossAgg = LossAgg.token_mean
-    ppo_epochs: int = 1
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.clip_eps_low < 1, "algo.clip_eps_low", "in [0, 1)", self.clip_eps_low)
-        _require(self.clip_eps_high >= 0, "algo.clip_eps_high", ">= 0", self.clip_eps_high)
-        _require(self.kl_coef >= 0, "algo.kl_coef", ">= 0", self.kl_coef)
-        _require(self.entropy_coef >= 0, "algo.entropy_coef", ">= 0", self.entropy_coef)
-        _require(self.adv_eps > 0, "algo.adv_eps", "> 0", self.adv_eps)
-        _require(self.ppo_epochs >= 1, "algo.ppo_epochs", "an int >= 1", self.ppo_epochs)
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -291,6 +156,17 @@ class OptimConfig:
         _require(self.scheduler in names, "optim.scheduler", f"one of {names}", self.scheduler)
 
 
+class Strategy(Enum):
+    single = "single"  # one process
+    ddp = "ddp"  # torchrun ranks, DistributedDataParallel
+    fsdp = "fsdp"  # FSDP2 fully_shard: not built yet (rejected at start-up)
+
+
+class DistRollout(Enum):
+    shard = "shard"  # each rank generates its own prompt groups (per-rank seeds)
+    replicate = "replicate"  # every rank generates the global batch and keeps its rows (tests)
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 300
@@ -307,8 +183,18 @@ class TrainerConfig:
     max_nonfinite: int = 3
     deterministic: bool = True
     threads: int | None = None
+    strategy: Strategy = Strategy.single  # ddp: data parallel over torchrun ranks (pipeline.distributed)
+    dist_timeout_s: float = 1800.0  # process-group timeout: a collective stuck this long ends the job
+    dist_rollout: DistRollout = DistRollout.shard
 
     def __post_init__(self) -> None:
+        _require(
+            self.strategy is not Strategy.fsdp,
+            "trainer.strategy",
+            "single or ddp (fsdp is not built yet: use ddp while the model fits on one device)",
+            "fsdp",
+        )
+        _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "a number > 0", self.dist_timeout_s)
         for key in (
             "steps",
             "prompts_per_step",
@@ -346,6 +232,33 @@ class LoggerConfig:
     plot: bool = True
 
 
+class RolloutEngine(Enum):
+    hf = "hf"  # Hugging Face generate on the training model
+    vllm = "vllm"  # a vLLM engine with its own copy of the weights (optional extra: make install-vllm)
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples the rollouts (``rollout=hf|vllm``); scoring, training and evaluation stay on HF."""
+
+    engine: RolloutEngine = RolloutEngine.hf
+    dtype: DType = DType.float32  # the vLLM engine's dtype (bfloat16: faster, larger gen/train gap)
+    enforce_eager: bool = True  # no torch.compile (CPU start-up about 5 s; compiled about 80 s)
+    kv_cache_gib: float = 2.0  # CPU KV cache size
+    gpu_memory_utilization: float | None = None  # CUDA: fraction of the GPU the engine takes (null: vLLM's)
+    sync_every: int = 1  # push the trainer's weights into the engine every N steps
+    verify_sync_atol: float | None = None  # start-up check of the engine's log-probs (null: log the gap only)
+    tis_cap: float | None = None  # truncated importance sampling cap C (null: off); typical 2
+
+    def __post_init__(self) -> None:
+        _require(self.sync_every >= 1, "rollout.sync_every", ">= 1", self.sync_every)
+        _require(self.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0", self.kv_cache_gib)
+        gpu = self.gpu_memory_utilization
+        _require(gpu is None or 0 < gpu <= 1, "rollout.gpu_memory_utilization", "null or in (0, 1]", gpu)
+        cap = self.tis_cap
+        _require(cap is None or cap > 0, "rollout.tis_cap", "null or > 0", cap)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -358,6 +271,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluate.py's options
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the sampling engine (rollout=hf|vllm)
     seed: int = 0
     name: str | None = None
 
@@ -375,6 +290,18 @@ class TrainConfig:
                 f"generate.num_samples must be >= 2 for algo.advantage={self.algo.advantage.value} "
                 f"(group-relative advantages), got {g}."
             )
+        _require(
+            self.algo.overlong_buffer <= self.generate.max_new_tokens,
+            "algo.overlong_buffer",
+            f"<= generate.max_new_tokens ({self.generate.max_new_tokens})",
+            self.algo.overlong_buffer,
+        )
+        one_process = self.algo.advantage == Advantage.gae or self.algo.dynamic_sampling
+        if one_process and self.trainer.strategy.value != "single":
+            raise ValueError("algo.advantage=gae and algo.dynamic_sampling need trainer.strategy=single.")
+        shared_head = self.algo.advantage == Advantage.gae and self.algo.critic == CriticKind.shared
+        if shared_head and self.rollout.engine.value != "hf":  # its values come from HF generate's passes
+            raise ValueError("algo.critic=shared needs rollout=hf (else use algo.critic=separate).")
         if sizes["rollout"] % self.trainer.num_minibatches:
             raise ValueError(
                 f"trainer.num_minibatches ({self.trainer.num_minibatches}) must divide the rollout batch "
@@ -452,3 +379,14 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
         schema.task = OmegaConf.structured(task_schemas[task["_target_"]])
     merged = OmegaConf.merge(schema, raw)
     return OmegaConf.to_object(merged)
+
+
+def describe_sizes(cfg: TrainConfig, sizes: dict[str, int]) -> str:
+    """The derived sizes in one line, printed once at start-up."""
+    t, g = cfg.trainer, cfg.generate.num_samples
+    return (
+        f"[sizes] {t.prompts_per_step} prompts x {g} samples = {sizes['rollout']} sequences/step; "
+        f"{t.num_minibatches} minibatch(es) of {sizes['minibatch']} x {cfg.algo.ppo_epochs} epoch(s) = "
+        f"{sizes['optimizer_steps_per_step']} optimizer step(s)/step; micro-batch {sizes['micro_batch']}, "
+        f"grad accumulation {sizes['grad_accum']}"
+    )

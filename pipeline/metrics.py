@@ -108,6 +108,7 @@ class UpdateStats:
         self.gen_train_diff: list[torch.Tensor] = []
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
+        self.value_grad_norms: list[float] = []
         self.skipped = 0
 
     def add_tokens(self, stats: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
@@ -118,10 +119,14 @@ class UpdateStats:
         """|training - behaviour| log-prob on the first pass, before any update: the sampler/trainer gap."""
         self.gen_train_diff.append(log_ratio.abs()[mask])
 
-    def add_step(self, loss: float, grad_norm: float, skipped: bool) -> None:
+    def add_step(
+        self, loss: float, grad_norm: float, skipped: bool, value_grad_norm: float | None = None
+    ) -> None:
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.skipped += int(skipped)
+        if value_grad_norm is not None:
+            self.value_grad_norms.append(value_grad_norm)
 
     def summary(self) -> dict[str, float]:
         cat = {k: torch.cat(v) for k, v in self.tokens.items()}
@@ -145,5 +150,33 @@ class UpdateStats:
             out["loss/entropy"] = _mean(cat["entropy"])
         if "kl" in cat:
             out["kl/ref_mean"] = _mean(cat["kl"])
-            out["kl/ref_max"] = float(cat["kl"].max())
+            out["kl/ref_max"] = float(cat["kl"].max()) if cat["kl"].numel() else 0.0
+        if "tis_ratio" in cat:  # truncated importance sampling (rollout.tis_cap)
+            out["logprobs/tis_mean_ratio"] = _mean(cat["tis_ratio"]) if cat["tis_ratio"].numel() else 1.0
+            out["logprobs/tis_capped_frac"] = _mean(cat["tis_capped"].float())
+        if "dual_clipped" in cat:
+            out["loss/dual_clip_frac"] = _mean(cat["dual_clipped"].float())
+        if "value_loss" in cat:  # PPO's critic
+            out["loss/value"] = _mean(cat["value_loss"])
+            out["value/clip_frac"] = _mean(cat["value_clipped"].float())
+            out["value/grad_norm"] = float(np.mean(self.value_grad_norms)) if self.value_grad_norms else 0.0
         return out
+
+
+def gae_metrics(
+    advantages: torch.Tensor, returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """PPO: raw (unwhitened) GAE advantages, returns and the rollout's values over the valid tokens, and
+    how much of the returns' variance the values explain (1 = a perfect critic, 0 = no better than the mean)."""
+    m = mask.bool()
+    adv, ret, val = advantages[m], returns[m], values[m]
+    return {
+        "advantage/mean": _mean(adv),
+        "advantage/std": _std(adv),
+        "value/returns_mean": _mean(ret),
+        "value/returns_std": _std(ret),
+        "value/returns_min": float(ret.min()) if ret.numel() else 0.0,
+        "value/returns_max": float(ret.max()) if ret.numel() else 0.0,
+        "value/mean": _mean(val),
+        "value/explained_var": algos.explained_variance(values, returns, mask),
+    }

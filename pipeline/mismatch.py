@@ -16,7 +16,7 @@ import math
 import torch
 
 # Log-ratios are clamped here before exp() for the statistics, so one extreme token cannot make them inf.
-_MAX_LOG_RATIO = 20.0
+MAX_LOG_RATIO = 20.0
 
 
 def truncated_is_weights(
@@ -46,7 +46,7 @@ def truncated_is_weights(
         )
     mask = mask.bool()
     log_ratio = torch.where(mask, train_lp.detach() - sampler_lp.detach().to(train_lp.dtype), 0.0)
-    ratio = log_ratio.clamp(max=_MAX_LOG_RATIO).exp()
+    ratio = log_ratio.clamp(max=MAX_LOG_RATIO).exp()
     weights = torch.where(mask, ratio.clamp(max=cap), 0.0)
     n = mask.sum()
     stats = {

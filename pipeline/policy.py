@@ -37,7 +37,7 @@ from pipeline.policy_args import (
 from pipeline.policy_layout import (
     assemble_rows,
     check_tensorclass_fields,
-    padded_batch,
+    dense_outputs,
     place_dense,
     reshaped,
     unwrap_container,
@@ -257,18 +257,7 @@ class TransformersWrapper(TensorDictModuleBase):
     def _dense(self, outputs: dict[str, list], td: TensorDictBase) -> TensorDict:
         """Per-sample outputs as a flat dense batch: prompts left-padded with ``attention_mask``, responses,
         log-probs and logits right-padded with their masks (text as strings)."""
-        data: dict[str, Any] = {}
-        for key, values in outputs.items():
-            if key == self.token_key:
-                ids, mask = pad_left(values, self.pad_token_id)
-                data[key], data[self.attention_mask_key] = ids, mask.long()
-            elif key in self.mask_keys:
-                pad = self.pad_token_id if key == self.token_response_key else 0.0
-                positions = self._response_positions(td) if key != self.token_response_key else None
-                data[key], data[self.mask_keys[key]] = padded_batch(values, pad, positions)
-            elif key != self.attention_mask_key:
-                data[key] = values
-        return TensorDict(data, batch_size=[len(next(iter(outputs.values())))], device=td.device)
+        return dense_outputs(outputs, self, td.device, self._response_positions(td))
 
     def _response_positions(self, td: TensorDictBase) -> torch.Tensor | None:
         """Score mode on dense token input: where the real response tokens are in ``tokens_response``

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase, is_tensorclass, lazy_stack
+from tensordict import TensorDict, TensorDictBase, is_tensorclass, lazy_stack
 
-from pipeline.logprobs import pad_right
+from pipeline.logprobs import pad_left, pad_right
 
 
 def unwrap_container(obj: Any, what: str) -> tuple[TensorDictBase, type | None]:
@@ -55,6 +55,30 @@ def padded_batch(
     out = values[0].new_full((*positions.shape, *values[0].shape[1:]), pad_value)
     where = positions.reshape(*positions.shape, *[1] * (out.ndim - 2)).expand_as(out)
     return out.masked_scatter_(where, torch.cat(list(values))), positions.clone()
+
+
+def dense_outputs(
+    outputs: dict[str, list],
+    wrapper: Any,
+    device: torch.device | str | None,
+    positions: torch.Tensor | None = None,
+) -> TensorDict:
+    """Per-sample outputs as a flat dense batch: prompts (``wrapper.token_key``) left-padded with the
+    pad id and ``attention_mask``; the outputs of ``wrapper.mask_keys`` right-padded (``tokens_response``
+    with the pad id, the others with 0) each with its boolean mask; text as strings. ``positions``:
+    where the non-token right-padded outputs go (score mode, see :func:`padded_batch`)."""
+    data: dict[str, Any] = {}
+    pad_id, response_key = wrapper.pad_token_id, wrapper.token_response_key
+    for key, values in outputs.items():
+        if key == wrapper.token_key:
+            ids, mask = pad_left(values, pad_id)
+            data[key], data[wrapper.attention_mask_key] = ids, mask.long()
+        elif key in wrapper.mask_keys:
+            pad, where = (pad_id, None) if key == response_key else (0.0, positions)
+            data[key], data[wrapper.mask_keys[key]] = padded_batch(values, pad, where)
+        elif key != wrapper.attention_mask_key:
+            data[key] = values
+    return TensorDict(data, batch_size=[len(next(iter(outputs.values())))], device=device)
 
 
 def place_dense(

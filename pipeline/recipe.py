@@ -1,46 +1,42 @@
-"""The GRPO recipe (GRPO, Dr. GRPO, RLOO): collect -> score -> update -> log -> save.
+"""The GRPO recipe (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; PPO with a critic): collect -> score -> update -> log.
 
-``GRPORecipe(cfg, run_dir)`` fails fast on bad options (data and rewards are checked before any
-model is loaded); ``setup()`` loads everything or restores a checkpoint; ``train()`` runs the loop
-and returns the final held-out accuracy (the sweep objective); ``cleanup()`` closes the loggers.
+``GRPORecipe(cfg, run_dir)`` fails fast on bad data, rewards or rollout engine, before any model loads;
+``setup()`` loads or restores a checkpoint; ``train()`` runs the loop and returns the final held-out
+accuracy (the sweep objective); ``cleanup()`` closes the loggers.
 
-One dense rollout TensorDict ``[N = prompts x G]`` carries a step from collection to the loss:
-the policy's outputs (``tokens`` and ``attention_mask`` left-padded; ``tokens_response``, behaviour
-``log_probs`` and ``tokens_response_mask`` right-padded; ``text``, ``text_response``), then
-``lengths``, ``ended``, ``reward``, ``valid``, ``advantage`` and ``ref_log_probs``. Micro-batches
-are index slices of it. The math is in :mod:`pipeline.algos`, the
-metrics in :mod:`pipeline.metrics`, run-level plumbing in :mod:`pipeline.runtime`.
-"""
+One dense rollout TensorDict ``[N = prompts x G]`` carries a step to the loss: the policy's outputs (HF or
+vLLM, :mod:`pipeline.rollout`; ``tokens``, ``attention_mask`` left-padded; ``tokens_response``, ``log_probs``
+right-padded with ``tokens_response_mask``; ``text``, ``text_response``), then ``lengths``, ``ended``,
+``reward``, ``valid``, ``advantage``, ``ref_log_probs`` (PPO: ``values``, ``returns``)."""
 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data.llm import History
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from pipeline import algos, checkpoint
+from pipeline import checkpoint, dynamic_sampling, lora
+from pipeline.algorithm import Algorithm
 from pipeline.build import build_policy, load_model_and_tokenizer
-from pipeline.config import TrainConfig, derived_sizes, instantiate_node
+from pipeline.chat import prompt_batch
+from pipeline.config import TrainConfig, derived_sizes, describe_sizes, instantiate_node
+from pipeline.critic import build_critic
+from pipeline.distributed import Distributed, NullLogger
+from pipeline.evaluation import greedy_eval
 from pipeline.loggers import RunLogger
 from pipeline.logprobs import entropy_from_logits, fit_width
-from pipeline.distributed import Distributed, NullLogger
-from pipeline.metrics import (
-    UpdateStats,
-    completion_rows,
-    eval_metrics,
-    perf_metrics,
-    reward_metrics,
-    rollout_metrics,
-)
+from pipeline.metrics import UpdateStats, completion_rows, perf_metrics, reward_metrics, rollout_metrics
 from pipeline.policy import TransformersWrapper
 from pipeline.rewards import RewardResult, RewardSet
+from pipeline.rollout import add_train_log_probs, check_rollout, setup_rollout
 from pipeline.runtime import PhaseTimer, StopRequest, TrainingError, seed_everything, write_run_info
 from pipeline.tasks import Example
 
@@ -55,10 +51,11 @@ class GRPORecipe:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.group = group
         self.sizes = self.dist.local_sizes(derived_sizes(cfg), cfg.trainer.micro_batch_size)  # per rank
-        self.resume_from = self._resume_path()
+        self.resume_from = checkpoint.resume_path(cfg.trainer.resume, self.ckpt_dir)
         # Data and reward errors surface before any model is loaded.
         self.task = instantiate_node(cfg.task, "task")
         self.rewards = RewardSet.from_config(cfg.reward)
+        check_rollout(cfg)  # rollout.engine=vllm without vLLM installed (or with LoRA, DDP)
         if not cfg.chat_template.use_chat and any(e.messages for e in self.task.train_examples[:1]):
             raise ValueError(
                 "the task gives conversations (task.messages_field): they need a chat template, "
@@ -68,16 +65,6 @@ class GRPORecipe:
         self.nonfinite_in_row = 0
         self.last_accuracy = float("nan")
         self.logger: RunLogger | NullLogger = NullLogger()  # ranks > 0 keep this one
-
-    def _resume_path(self) -> Path | None:
-        resume = self.cfg.trainer.resume
-        if resume is None:
-            return None
-        if resume == "auto":
-            checkpoint.clean_partial(self.ckpt_dir)
-            found = checkpoint.list_checkpoints(self.ckpt_dir)
-            return found[-1] if found else None
-        return checkpoint.check_checkpoint(Path(resume))
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -101,18 +88,22 @@ class GRPORecipe:
 
     def _setup_policies(self) -> None:
         cfg, shared = self.cfg, {"tokenizer": self.tokenizer, "inplace": False}
-        self.policy = build_policy(cfg, "generate", model=self.model, **shared)
+        self.policy, self.weight_sync = setup_rollout(self)  # rollout.engine: HF generate, or vLLM (synced)
         self.greedy = build_policy(cfg, "greedy", model=self.model, **shared)
         self.scorer = build_policy(
             cfg, "score", model=self.dist.wrap(self.model), return_logits=cfg.algo.entropy_coef > 0, **shared
         )
         self.ref_scorer = None
-        if cfg.algo.kl_coef > 0:  # a frozen copy of the initial weights
-            ref, _ = load_model_and_tokenizer(cfg)
-            self.ref_scorer = build_policy(cfg, "score", model=ref.requires_grad_(False), **shared)
+        if cfg.algo.kl_coef > 0:  # the initial weights: LoRA's base (adapters disabled) or a frozen copy
+            ref = lora.reference_model(self.model, lambda: load_model_and_tokenizer(cfg)[0])
+            self.ref_scorer = build_policy(cfg, "score", model=ref, **shared)
+        self.critic = build_critic(cfg, self.model) if cfg.algo.advantage.value == "gae" else None  # PPO
+        self.algorithm = Algorithm(cfg, self.critic)  # rewards shaping, advantages, the loss
 
     def _setup_optimizer(self) -> None:
         o, params = self.cfg.optim, [p for p in self.model.parameters() if p.requires_grad]
+        if self.critic is not None:  # PPO: the critic's own group (and AdamW state in the checkpoint)
+            params = [{"params": params}, self.critic.param_group(self.cfg.algo.value_lr or o.lr)]
         self.optimizer = torch.optim.AdamW(
             params,
             lr=o.lr,
@@ -134,6 +125,8 @@ class GRPORecipe:
             return
         state, optim_state, sched_state, rng = checkpoint.load_training_state(self.resume_from)
         self.optimizer.load_state_dict(optim_state)
+        if self.critic is not None:
+            self.critic.load_state_dict(checkpoint.load_extra(self.resume_from, "critic"))
         self.scheduler.load_state_dict(sched_state)
         self.task.load_state_dict(state["task"])
         checkpoint.set_rng_state(rng, state["rng"])
@@ -159,14 +152,8 @@ class GRPORecipe:
         )
 
     def _print_sizes(self) -> None:
-        cfg, s = self.cfg, self.sizes
-        if self.dist.enabled:
-            print(f"[dist] rank {self.dist.rank}: {self.dist.describe()}; sizes below are per rank", flush=True)
         print(
-            f"[sizes] {cfg.trainer.prompts_per_step} prompts x {cfg.generate.num_samples} samples = {s['rollout']} "
-            f"sequences/step; {cfg.trainer.num_minibatches} minibatch(es) of {s['minibatch']} x {cfg.algo.ppo_epochs} "
-            f"epoch(s) = {s['optimizer_steps_per_step']} optimizer step(s)/step; micro-batch {s['micro_batch']}, "
-            f"grad accumulation {s['grad_accum']}; device {self.device}, dtype {self.dtype}"
+            f"{describe_sizes(self.cfg, self.sizes)}; device {self.device}, dtype {self.dtype}; {self.dist.describe()}"
             + (f"; resuming from {self.resume_from} at step {self.step}" if self.resume_from else "")
         )
 
@@ -182,19 +169,24 @@ class GRPORecipe:
                 with timer("collect"):  # 1. G samples per prompt, with behaviour log-probs
                     examples = self.task.sample(tr.prompts_per_step)  # the global batch, on every rank
                     mine, rollout = self.dist.collect(self.collect, examples, self.step)  # this rank's groups
-                with timer("reward"):  # 2. rewards -> group-relative advantages
+                with timer("reward"):  # 2. rewards -> advantages; DAPO: zero-variance groups refilled
                     rewards, zero_var = self.score(rollout, mine)
+                    rollout, examples, rewards, zero_var, dyn = self.refill(
+                        rollout, examples, rewards, zero_var
+                    )
                 with timer("ref"):  # 3. reference log-probs, once per rollout
                     self.reference_log_probs(rollout)
                 with timer("update"):  # 4. ppo_epochs x minibatches, micro-batches accumulated
                     update = self.update(rollout)
                     self.scheduler.step()
+                    update.update(self.weight_sync.sync(self.step + 1))  # vLLM: rollout/sync_time, staleness
                 self.step += 1
                 rewards, zero_var, rollout = self.dist.gather_for_metrics(rewards, zero_var, rollout)
                 metrics = {  # 5. log, evaluate, save
                     **reward_metrics(rewards, self.cfg.reward.accuracy, zero_var),
                     **rollout_metrics(rollout, self.cfg.generate.max_new_tokens),
                     **update,
+                    **dyn,
                     "loss/lr": self.scheduler.get_last_lr()[0],
                     **perf_metrics(
                         float(rollout["lengths"].sum()), timer.times, timer.elapsed(), self.device
@@ -235,7 +227,8 @@ class GRPORecipe:
         The policy returns prompts left-padded (``tokens``, ``attention_mask``) and responses and
         their log-probs right-padded (``tokens_response``, ``log_probs``) with ``tokens_response_mask``.
         """
-        with torch.inference_mode():
+        recording = self.critic.recording() if self.critic is not None else nullcontext([])
+        with torch.inference_mode(), recording as steps:  # steps: a shared value head's values, per token
             rollout = self.policy(self._prompt_batch(examples)).reshape(-1)
         rollout = rollout.clone()  # a normal tensordict: inference tensors cannot take part in autograd
         mask = rollout["tokens_response_mask"]
@@ -243,44 +236,46 @@ class GRPORecipe:
         last = rollout["tokens_response"].gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         eos = torch.as_tensor(self.policy.generation_config.eos_token_id).reshape(-1)
         rollout["lengths"], rollout["ended"] = lengths, (lengths > 0) & torch.isin(last, eos)
+        if self.critic is not None:  # PPO: V(state before each response token)
+            rollout["values"] = self.critic.rollout_values(rollout, steps, self.sizes["micro_batch"])
         return rollout
 
     def _prompt_batch(self, examples: list[Example]) -> TensorDict:
-        """Plain-text prompts, or with a chat template a ``History`` per example: its conversation
-        (``Example.messages``) or one user turn, after the configured system prompt."""
-        chat = self.cfg.chat_template
-        if not chat.use_chat:
-            return TensorDict(text=[e.prompt for e in examples], batch_size=[len(examples)])
-        chats = []
-        for e in examples:
-            turns = (
-                [m._asdict() for m in e.messages] if e.messages else [{"role": "user", "content": e.prompt}]
-            )
-            if chat.system_prompt and turns[0]["role"] != "system":
-                turns.insert(0, {"role": "system", "content": chat.system_prompt})
-            chats.append(turns)
-        return TensorDict(history=History.from_chats(chats), batch_size=[len(examples)])
+        return prompt_batch(examples, self.cfg.chat_template)
 
     def score(self, rollout: TensorDict, examples: list[Example]) -> tuple[RewardResult, torch.Tensor]:
-        """Rewards of the completions and their group-relative advantages, written into the rollout."""
-        g, algo = self.cfg.generate.num_samples, self.cfg.algo
+        """Rewards of the completions and their group-relative advantages, written into the rollout
+        (PPO's token-level advantages come from the critic in ``update``, after the reference pass)."""
+        g = self.cfg.generate.num_samples
         answers = [e.answer for e in examples for _ in range(g)]
         rewards = self.rewards(list(rollout["text_response"]), answers, list(rollout["text"]))
-        if algo.advantage.value == "rloo":
-            advantages, zero_var = algos.rloo_advantages(rewards.total, g)
-        else:
-            advantages, zero_var = algos.group_advantages(
-                rewards.total, g, std_normalize=algo.std_normalize, eps=algo.adv_eps
-            )
-        rollout["reward"], rollout["valid"] = rewards.total, rewards.valid
-        rollout["advantage"] = advantages.to(rollout["log_probs"].dtype)
+        rewards = self.algorithm.rewards(rewards, rollout["lengths"])  # DAPO's overlong term, if on
+        advantages, zero_var = self.algorithm.advantages(rewards.total)
+        rollout["reward"], rollout["advantage"] = rewards.total, advantages.to(rollout["log_probs"].dtype)
+        rollout["valid"] = self.algorithm.valid(rewards.valid, rollout["ended"])  # algo.mask_truncated
         return rewards, zero_var
+
+    def refill(
+        self, rollout: TensorDict, examples: list[Example], rewards: RewardResult, zero_var: torch.Tensor
+    ) -> tuple[TensorDict, list[Example], RewardResult, torch.Tensor, dict[str, float]]:
+        """DAPO's dynamic sampling (``algo.dynamic_sampling``, :func:`pipeline.dynamic_sampling.refill`)."""
+        if not self.cfg.algo.dynamic_sampling:
+            return rollout, examples, rewards, zero_var, {}
+        out, metrics = dynamic_sampling.refill(
+            dynamic_sampling.Groups(examples, rollout, rewards, zero_var),
+            partial(dynamic_sampling.draw, self.task.sample, self.collect, self.score),
+            target=self.cfg.trainer.prompts_per_step,
+            group_size=self.cfg.generate.num_samples,
+            max_rounds=self.cfg.algo.max_resample_rounds,
+            pad_token_id=self.policy.pad_token_id,
+        )
+        return out.rollout, out.examples, out.rewards, out.zero_var, metrics
 
     def reference_log_probs(self, rollout: TensorDict) -> None:
         """Log-probs of the frozen reference model (``ref_log_probs``), when the KL term is on."""
         if self.ref_scorer is None:
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), lora.adapters_disabled(self.ref_scorer.model):
             parts = [
                 self._log_probs(self.ref_scorer, rollout[idx])[0]
                 for idx in torch.arange(len(rollout)).split(self.sizes["micro_batch"])
@@ -300,10 +295,20 @@ class GRPORecipe:
             return lp, None
         return lp, fit_width(entropy_from_logits(out["logits"] / scorer.log_probs_temperature), width)
 
+    def _forward(self, batch: TensorDictBase, *, detach: bool) -> tuple[torch.Tensor, ...]:
+        """Log-probs, entropy and (PPO) values of a micro-batch: a shared value head reads the same pass."""
+        with self.critic.capture() if self.critic is not None else nullcontext() as hidden:
+            lp, entropy = self._log_probs(self.scorer, batch)
+        values = self.critic.values(batch, hidden, detach=detach) if self.critic is not None else None
+        return lp, entropy, values
+
     def update(self, rollout: TensorDict) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per minibatch."""
         algo, sizes = self.cfg.algo, self.sizes
         loss_mask = rollout["tokens_response_mask"] & rollout["valid"].unsqueeze(-1)
+        critic = self.critic.advantages(rollout, loss_mask) if self.critic is not None else {}  # PPO: GAE
+        warmup = self.critic is not None and self.step < algo.value_warmup_steps  # the critic alone learns
+        add_train_log_probs(self, rollout)  # TIS, several optimizer steps: the sampling weights' log-probs
         stats = UpdateStats()
         for epoch in range(algo.ppo_epochs):
             for mb_index, mb in enumerate(self.dist.permutation(len(rollout)).split(sizes["minibatch"])):
@@ -313,25 +318,9 @@ class GRPORecipe:
                 mb_loss = 0.0
                 for micro in self.dist.accumulate(mb.split(sizes["micro_batch"])):
                     batch, m = rollout[micro], loss_mask[micro]
-                    lp, entropy = self._log_probs(self.scorer, batch)
-                    per_token, token_stats = algos.policy_loss(
-                        lp,
-                        batch["log_probs"],
-                        batch["advantage"],
-                        clip_low=algo.clip_eps_low,
-                        clip_high=algo.clip_eps_high,
-                        ref_log_probs=batch.get("ref_log_probs", None),
-                        kl_coef=algo.kl_coef,
-                        entropy=entropy,
-                        entropy_coef=algo.entropy_coef,
-                    )
-                    loss = algos.aggregate(
-                        per_token,
-                        m,
-                        algo.loss_agg.value,
-                        num_tokens=n_tokens,
-                        num_seqs=n_seqs,
-                        max_len=self.cfg.generate.max_new_tokens,
+                    lp, entropy, values = self._forward(batch, detach=warmup)
+                    loss, token_stats = self.algorithm(
+                        batch, lp, entropy, values, m, num_tokens=n_tokens, num_seqs=n_seqs, warmup=warmup
                     )
                     loss.backward()
                     mb_loss += float(loss.detach())
@@ -339,13 +328,15 @@ class GRPORecipe:
                         stats.add_gen_train_diff(token_stats["log_ratio"], m)
                     stats.add_tokens(token_stats, m)
                 self._optimizer_step(self.dist.all_sum(mb_loss)[0], stats)
-        return self.dist.gather_stats(stats).summary()
+        return {**self.dist.gather_stats(stats).summary(), **critic}
 
     def _optimizer_step(self, loss: float, stats: UpdateStats) -> None:
         """Clip and step; a non-finite loss or gradient norm skips the step (and aborts after too many)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        finite = bool(np.isfinite(loss) and torch.isfinite(norm))
-        stats.add_step(loss, float(norm), skipped=not finite)
+        clip = self.cfg.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        vnorm = self.critic.clip_grad_norm(clip) if self.critic is not None else None
+        finite = bool(np.isfinite(loss) and torch.isfinite(norm) and np.isfinite(vnorm or 0.0))
+        stats.add_step(loss, float(norm), skipped=not finite, value_grad_norm=vnorm)
         if finite:
             self.nonfinite_in_row = 0
             self.optimizer.step()
@@ -363,27 +354,12 @@ class GRPORecipe:
     # ------------------------------------------------------------------ eval / save
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy (the accuracy reward == 1) and mean length.
-
-        A failing accuracy reward is handled as in training (``reward.on_error``): ``zero`` counts the
-        sample as wrong, ``drop`` leaves it out of the accuracy, ``fail`` stops the run.
-        """
+        """Greedy held-out accuracy and mean length (:func:`pipeline.evaluation.greedy_eval`), ranks sharing the work."""
         examples = self.dist.shard(self.task.eval_examples[: self.cfg.trainer.eval_size])
-        name = self.cfg.reward.accuracy
-        scores, lengths = [], []
-        for start in range(0, len(examples), 256):
-            chunk = examples[start : start + 256]
-            out = self.greedy(self._prompt_batch(chunk))
-            lengths += out["tokens_response_mask"].sum(-1).tolist()
-            if name is not None:
-                completions = list(out["text_response"])
-                scores.append(
-                    self.rewards.score_one(
-                        name, completions, [e.answer for e in chunk], [e.prompt for e in chunk]
-                    )
-                )
-        values, lengths = self.dist.gather_all(torch.cat(scores) if scores else torch.zeros(0), lengths)
-        out = eval_metrics(values, lengths, drop_failed=self.rewards.on_error == "drop")
+        accuracy = self.cfg.reward.accuracy
+        out = greedy_eval(
+            self.greedy, self._prompt_batch, self.rewards, accuracy, examples, self.dist.gather_all
+        )
         self.last_accuracy = out["eval/accuracy"]
         return out
 
@@ -405,12 +381,13 @@ class GRPORecipe:
             state=state,
             config_yaml=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
             keep_last=self.cfg.trainer.keep_last,
+            extra=None if self.critic is None else {"critic": self.critic.state_dict()},
         )
 
     def save_final_model(self) -> Path:
         """The trained policy in Hugging Face format: ``from_pretrained(run_dir / 'final_model')``."""
         path = self.run_dir / "final_model"
-        self.dist.on_main(self.model.save_pretrained, path, safe_serialization=True)
+        self.dist.on_main(lora.save_pretrained, self.model, path)  # LoRA: merged, + final_model_adapter/
         self.dist.on_main(self.tokenizer.save_pretrained, path)
         return path
 

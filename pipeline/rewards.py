@@ -178,3 +178,14 @@ def _reward_fn(name: str, node: dict[str, Any]) -> tuple[Callable[..., Any], flo
             f"{sorted(k for k in params if k != '_target_')} as fn(completions, answers, prompts, **params): {err}"
         ) from err
     return fn, float(node.get("weight", 1.0))
+
+
+def with_term(result: RewardResult, name: str, values: torch.Tensor) -> RewardResult:
+    """``result`` with one more term ``name`` (weight 1, never failing) added to the total: e.g. DAPO's
+    overlong penalty, which reads token lengths rather than completion text."""
+    return RewardResult(
+        total=result.total + values.to(result.total.dtype),
+        valid=result.valid,
+        per_function={**result.per_function, name: values.double()},
+        failures={**result.failures, name: 0},
+    )

@@ -1,8 +1,11 @@
 """VLLMWrapper: vLLM as the rollout engine, behind the generate-mode contract of ``TransformersWrapper``.
 
 Input ``text`` / ``history`` / ``tokens``; output ``tokens``, ``attention_mask``, ``tokens_response``,
-``text_response`` and the behaviour ``log_probs``, one lazy-stack row per sample, ``[*batch, G]`` with
-``num_samples=G``. Scoring and training stay on the Hugging Face model; the engine holds its own copy of
+``text_response`` and the behaviour ``log_probs``, ``[*batch, G]`` with ``num_samples=G``, in the layout of
+the container, as the Hugging Face wrapper does (:mod:`pipeline.policy_layout`): a lazy stack gets one
+row of per-sample entries per sample; a dense ``TensorDict`` gets padded tensors (``tokens``
+left-padded with ``attention_mask``; ``tokens_response`` and ``log_probs`` right-padded with
+``tokens_response_mask`` and ``log_probs_mask``). Scoring and training stay on the Hugging Face model; the engine holds its own copy of
 the weights, refreshed by ``sync_weights(model)`` (full state each time) after optimizer steps.
 
 Which distribution ``log_probs`` describe, as in the Hugging Face wrapper: ``log_softmax(logits / T)``
@@ -24,7 +27,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, lazy_stack, set_list_to_stack
@@ -41,6 +44,7 @@ from pipeline.policy_args import (
     checked_token_ids,
     with_pad_token,
 )
+from pipeline.policy_layout import assemble_rows, dense_outputs, place_dense
 from pipeline.vllm_args import (
     base_generation_config,
     check_engine_args,
@@ -81,6 +85,11 @@ class VLLMWrapper(TensorDictModuleBase):
     text_key, history_key, token_key = "text", "history", "tokens"
     token_response_key, text_response_key = "tokens_response", "text_response"
     attention_mask_key, log_prob_key = "attention_mask", "log_probs"
+    token_response_mask_key, log_prob_mask_key = "tokens_response_mask", "log_probs_mask"
+    mask_keys: ClassVar[dict[str, str]] = {
+        token_response_key: token_response_mask_key,
+        log_prob_key: log_prob_mask_key,
+    }
     generate = True
 
     def __init__(
@@ -190,17 +199,29 @@ class VLLMWrapper(TensorDictModuleBase):
             flat = tensordict if len(batch_shape) == 1 else tensordict.reshape(-1)
         if flat.shape[0] == 0:
             raise ValueError("VLLMWrapper got an empty batch (batch_size has a 0 dimension).")
+        out_shape = (*batch_shape, n_samples) if n_samples is not None else tuple(batch_shape)
+        dense = not isinstance(
+            tensordict if tensordict_out is None else tensordict_out, LazyStackedTensorDict
+        )
+        if dense and tensordict_out is not None and tensordict_out.numel() != flat.shape[0] * group:
+            raise ValueError(
+                f"tensordict_out must have one element per output ({flat.shape[0] * group}), got "
+                f"{type(tensordict_out).__name__} of batch size {tuple(tensordict_out.shape)}."
+            )
         with set_list_to_stack(True):
             prompts, texts = self._prompt_ids(flat)
             outputs = self.generate_ids(prompts, cfg, group)
             if texts is not None:
                 outputs[self.text_key] = [t for t in texts for _ in range(group)]
+            if dense:  # padded tensors, placed as the Hugging Face wrapper places them
+                out = dense_outputs(outputs, self, tensordict.device)
+                args = (self.inplace, out_shape, n_samples)
+                return place_dense(out, tensordict, tensordict, tensordict_out, *args)
             rows = [
                 TensorDict({k: v[j] for k, v in outputs.items()}, batch_size=[], device=tensordict.device)
                 for j in range(flat.shape[0] * group)
             ]
-            result = self._assemble(tensordict, flat, rows, group, tensordict_out)
-        out_shape = (*batch_shape, n_samples) if n_samples is not None else tuple(batch_shape)
+            result = self._assemble(flat, rows, group, tensordict_out)
         if len(out_shape) == 0:
             return result if result.ndim == 0 else result[0]
         return result if len(out_shape) == 1 else result.reshape(out_shape)
@@ -248,31 +269,17 @@ class VLLMWrapper(TensorDictModuleBase):
             outputs[self.log_prob_key] = log_probs
         return outputs
 
-    def _assemble(self, tensordict, flat, rows, group, tensordict_out) -> TensorDictBase:
-        """The output layout of ``TransformersWrapper``: one lazy-stack row per sample."""
+    def _assemble(self, flat, rows, group, tensordict_out) -> TensorDictBase:
+        """Lazy-stack layout (:func:`pipeline.policy_layout.assemble_rows`): one row per sample."""
         if tensordict_out is not None:
             target = tensordict_out.reshape(-1) if tensordict_out.ndim > 1 else tensordict_out
-            if target.ndim == 0:
-                return target.update(rows[0])
-            if not isinstance(target, LazyStackedTensorDict) or target.shape[0] != len(rows):
+            if target.shape[0] != len(rows):
                 raise ValueError(
                     f"tensordict_out must be a lazy stack with one element per output ({len(rows)}), "
                     f"got {type(tensordict_out).__name__} of shape {tuple(tensordict_out.shape)}."
                 )
-            for dst, row in zip(target.tensordicts, rows):
-                dst.update(row)
-            return target
-        if self.inplace is False:
-            return lazy_stack(rows)
-        if self.inplace == "empty":
-            return lazy_stack([flat[j // group].empty().update(row) for j, row in enumerate(rows)])
-        if group == 1 and tensordict.ndim == 0:
-            return tensordict.update(rows[0])
-        if group == 1 and isinstance(flat, LazyStackedTensorDict) and flat.stack_dim == 0:
-            for dst, row in zip(flat.tensordicts, rows):
-                dst.update(row)
-            return flat
-        return lazy_stack([flat[j // group].copy().update(row) for j, row in enumerate(rows)])
+            return assemble_rows(flat, rows, group, self.inplace, target)
+        return assemble_rows(flat, rows, group, self.inplace, None)
 
     # ------------------------------------------------------------------ inputs
     def _prompt_ids(self, flat: TensorDictBase) -> tuple[list[torch.Tensor], list[str] | None]:

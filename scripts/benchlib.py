@@ -98,7 +98,7 @@ def mean(values: Sequence[float]) -> float:
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0], values[0]) if values else (float("nan"), float("nan"))
-    q = statistics.quantiles(values, n=4)
+    q = statistics.quantiles(values, n=4, method="inclusive")  # within the data: never below the fastest step
     return q[0], q[2]
 
 

@@ -65,7 +65,9 @@ def test_ours_vs_trl_side_by_side():
     out = run_bench("--no-scaling")
     ours, trl = row(out, "ours"), row(out, "trl")
     assert float(trl[2]) == 1.0
-    assert float(ours[2]) == pytest.approx(float(ours[1]) / float(trl[1]), rel=2e-3)
+    # the printed medians are rounded to 1e-4 s: the ratio agrees within that rounding
+    o, t = float(ours[1]), float(trl[1])
+    assert (o - 5e-5) / (t + 5e-5) - 5e-4 <= float(ours[2]) <= (o + 5e-5) / (t - 5e-5) + 5e-4
     assert re.search(r"target: ours/TRL step time <= 0\.7: (PASS|FAIL) \(" + NUM + r"\); our peak memory <= "
                      r"TRL's: (PASS|FAIL)", out), out  # fmt: skip
     assert "check: every completion has 4 tokens on every side: yes" in out

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from pipeline.config import AnswerExtractor, HFDatasetTaskConfig, instantiate_node, validate
+from pipeline.config import HFDatasetTaskConfig, instantiate_node, validate
+from pipeline.config_tasks import AnswerExtractor
 from pipeline.hf_dataset import HFDatasetTask, read_examples
 from pipeline.tasks import Example, JsonlTask, Message
 from tests.helpers import compose_train

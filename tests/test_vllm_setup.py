@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -36,3 +37,37 @@ def test_missing_vllm_names_the_install_command(tmp_path):
     tiny_model(tokenizer, arch="llama", hidden=64, heads=2).save_pretrained(tmp_path)
     with pytest.raises(ImportError, match="make install-vllm"):
         VLLMWrapper(tmp_path, tokenizer=tokenizer)
+
+
+@pytest.mark.skipif(vllm_available(), reason="vllm is installed here")
+def test_rollout_vllm_without_vllm_fails_before_loading_a_model(tmp_path, monkeypatch):
+    """rollout=vllm in an environment without vLLM: the recipe's constructor says how to install it."""
+    from pipeline import build
+    from pipeline.config import validate
+    from pipeline.recipe import GRPORecipe
+    from tests.helpers import SMALL_RUN, compose_train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(build, "load_model", no_loading)
+    cfg = validate(compose_train([*SMALL_RUN, "logger=none", "rollout=vllm"]))
+    with pytest.raises(ImportError, match="make install-vllm"):
+        GRPORecipe(cfg, tmp_path).setup()
+
+
+def test_hf_rollout_with_tis_trains(tmp_path):
+    """rollout=hf (the default) with rollout.tis_cap: the HF sampler's weights equal the trainer's, so
+    the TIS ratio is 1 and nothing is capped; two optimizer steps per rollout use the no-grad pass."""
+    from tests.helpers import SMALL_RUN, run_recipe
+
+    args = [*SMALL_RUN, "logger=none", "rollout.tis_cap=2.0", "algo.ppo_epochs=2", "trainer.eval_every=0"]
+    recipe, _ = run_recipe(args, tmp_path)
+    assert recipe.step == 2 and recipe.algorithm.tis_pass
+    assert recipe.weight_sync.sync(3) == {}  # nothing to push for the HF engine
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "logprobs/tis_mean_ratio" in r]
+    assert len(steps) == 2 and "rollout/sync_time" not in steps[0]
+    for row in steps:  # HF sampled with the trainer's weights: ratio 1 up to batching noise
+        assert row["logprobs/tis_mean_ratio"] == pytest.approx(1.0, abs=1e-3)
+        assert row["logprobs/tis_capped_frac"] == 0.0 and row["logprobs/gen_train_absdiff_max"] < 1e-3

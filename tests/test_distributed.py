@@ -1,0 +1,255 @@
+"""Data parallelism: ``torchrun --nproc_per_node 2`` on CPU (gloo) against a single-process run.
+
+Each torchrun run goes through a probe that starts ``train.py`` as torchrun would and, every time
+a checkpoint is taken (every step here), stores each rank's parameters, so the test sees all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline import checkpoint
+from pipeline.config import validate
+from pipeline.distributed import Distributed
+from tests.helpers import ROOT, SMALL_RUN, comparable, compose_train, read_metrics, run_recipe
+
+DDP = ["trainer.strategy=ddp"]
+
+_PROBE = textwrap.dedent(
+    """
+    import os, runpy, sys, torch
+    sys.path.insert(0, {root!r})
+    from pipeline.recipe import GRPORecipe
+
+    out, rank = os.environ["PROBE_DIR"], os.environ["RANK"]
+    open(f"{{out}}/rank{{rank}}.pid", "w").write(str(os.getpid()))
+    save = GRPORecipe.save_checkpoint
+
+    def save_checkpoint(self):
+        params = {{n: p.detach().clone() for n, p in self.model.named_parameters()}}
+        torch.save(params, f"{{out}}/rank{{rank}}_step{{self.step}}.pt")
+        return save(self)
+
+    GRPORecipe.save_checkpoint = save_checkpoint
+    sys.argv[0] = {train!r}
+    runpy.run_path({train!r}, run_name="__main__")
+    """
+)
+
+
+def _env(probe: Path) -> dict:
+    offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return {**os.environ, **offline, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], probe: Path, cwd: Path, nproc: int = 2) -> subprocess.Popen:
+    probe.mkdir(parents=True, exist_ok=True)
+    script = probe / "probe.py"
+    script.write_text(_PROBE.format(root=str(ROOT), train=str(ROOT / "train.py")))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(script), *args]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=_env(probe), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun forwards it to the ranks (own sessions: a killed torchrun would orphan them)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"torchrun still running after {timeout}s:\n{out[-3000:]}") from None
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)
+    return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n].detach() - b[n].detach()).abs().max()) for n in a)
+
+
+def test_two_ranks_reproduce_the_single_process_run(saved_tiny, tmp_path):
+    # micro-batches of 1 on both sides: each rank holds one group of 2 and accumulates 2 micro-batches
+    args = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "trainer.micro_batch_size=1"]
+    single_dir = tmp_path / "single"
+    run_recipe([*args, "logger=none"], single_dir)
+
+    # replicate: each rank samples the global batch from the single-process RNG stream, keeps its groups
+    cwd, probe = tmp_path / "ddp", tmp_path / "probe"
+    cwd.mkdir()
+    out = _finish(_torchrun([*args, *DDP, "trainer.dist_rollout=replicate"], probe, cwd))
+    runs = list((cwd / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 1, runs  # one run folder (ranks > 0 write no Hydra output) ...
+    run_dir = runs[0]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # ... and one wandb run
+    assert "ddp over 2 ranks (gloo" in out
+
+    for step in (1, 2):
+        rank0, rank1 = _params(probe / f"rank0_step{step}.pt"), _params(probe / f"rank1_step{step}.pt")
+        assert _max_diff(rank0, rank1) == 0.0  # DDP keeps the replicas identical
+        single = _params(single_dir / "checkpoints" / f"step_{step:06d}" / "model")
+        assert _max_diff(rank0, single) < 1e-5
+    assert _max_diff(_params(run_dir / "final_model"), _params(single_dir / "final_model")) < 1e-5
+
+    # the metrics are those of the single-process run: over both ranks' samples and tokens
+    ddp_rows, single_rows = comparable(read_metrics(run_dir)), comparable(read_metrics(single_dir))
+    assert [r["step"] for r in ddp_rows] == [0, 1, 2]
+    for d, s in zip(ddp_rows, single_rows):
+        assert d.keys() == s.keys()
+        for key, value in s.items():
+            assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    assert abs(ddp_rows[1]["loss/total"]) > 0  # a real update, not 0 == 0
+    completions = (run_dir / "completions.jsonl").read_text().splitlines()
+    assert len(completions) == 2 * 4  # both ranks' samples (2 prompts x 2) at each of 2 steps
+    assert [json.loads(c)["completion"] for c in completions] == [
+        json.loads(c)["completion"] for c in (single_dir / "completions.jsonl").read_text().splitlines()
+    ]
+
+
+def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(
+            json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x
+        ):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-12000:]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_killed_rank_ends_the_job_and_a_resumed_run_matches(saved_tiny, tmp_path):
+    quiet = ["trainer.eval_every=0", "trainer.completions_every=0", "logger=none"]
+    args = [
+        *SMALL_RUN,
+        f"model.name_or_path={saved_tiny}",
+        *DDP,
+        "trainer.steps=4",
+        "trainer.save_every=2",
+        *quiet,
+    ]
+    ref_dir = tmp_path / "ref"
+    _finish(_torchrun([*args, f"hydra.run.dir={ref_dir}"], tmp_path / "probe-ref", tmp_path))
+
+    run_dir, probe = tmp_path / "killed", tmp_path / "probe-killed"
+    proc = _torchrun([*args, f"hydra.run.dir={run_dir}"], probe, tmp_path)
+    _wait_for_step(proc, run_dir / "metrics.jsonl", 3)  # the checkpoint of step 2 is on disk
+    os.kill(int((probe / "rank1.pid").read_text()), signal.SIGKILL)
+    start = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    saved = [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+    assert "step_000002" in saved and "step_000004" not in saved
+
+    out = _finish(_torchrun([*args, f"hydra.run.dir={run_dir}", "trainer.resume=auto"], probe, tmp_path))
+    assert "resuming from" in out
+    assert _max_diff(_params(run_dir / "final_model"), _params(ref_dir / "final_model")) == 0.0
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(ref_dir))
+
+
+QUIET = ["trainer.eval_every=0", "trainer.completions_every=1", "logger=none"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_once_from_rank0_and_one_process_resumes_it(saved_tiny, tmp_path):
+    """SIGTERM on torchrun: every rank finishes the step, rank 0 alone saves one checkpoint, the job
+    exits non-zero. That 2-rank checkpoint resumed by ONE process ends where an uninterrupted single-
+    process run does: with ``dist_rollout=replicate`` the 2 ranks consume the single-process RNG stream,
+    and the task sampler is global, so the restored state is the single-process state (to 1e-5: the
+    gradient sums are added in another order)."""
+    args = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "trainer.micro_batch_size=1", *QUIET]
+    args += ["trainer.steps=4", "trainer.save_every=0"]
+    ref_dir = tmp_path / "ref"
+    run_recipe(args, ref_dir)
+
+    run_dir, probe = tmp_path / "stopped", tmp_path / "probe"
+    proc = _torchrun(
+        [*args, *DDP, "trainer.dist_rollout=replicate", f"hydra.run.dir={run_dir}"], probe, tmp_path
+    )
+    _wait_for_step(proc, run_dir / "metrics.jsonl", 1)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - start < 60, out[-3000:]
+    assert out.count("[SIGTERM] finishing the current step") == 2 and "checkpoint saved" in out
+    saved = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1, saved  # one checkpoint, written once
+    k = int(saved[0].name.split("_")[-1])
+    assert 1 <= k < 4
+    # both ranks reached the save at the same step boundary, with identical replicas
+    assert sorted(x.name for x in probe.glob("rank*_step*.pt")) == [f"rank0_step{k}.pt", f"rank1_step{k}.pt"]
+    assert _max_diff(_params(probe / f"rank0_step{k}.pt"), _params(probe / f"rank1_step{k}.pt")) == 0.0
+    assert not (run_dir / "final_model").exists()
+
+    run_recipe([*args, "trainer.resume=auto"], run_dir)  # one process, strategy=single
+    assert _max_diff(_params(run_dir / "final_model"), _params(ref_dir / "final_model")) < 1e-5
+    rows, ref_rows = comparable(read_metrics(run_dir)), comparable(read_metrics(ref_dir))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no step lost or repeated
+    for d, s in zip(rows, ref_rows):
+        for key, value in s.items():
+            assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (d["step"], key)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_ranks(saved_tiny, tmp_path):
+    """A single-process checkpoint continued by 2 ranks. Replicated rollout: the same run to 1e-5.
+    Sharded rollout (the default): the same prompts (the sampler is global) but other samples
+    (seeds per (seed, step, rank)), so only the prompt sequence and completion are asserted."""
+    args = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "trainer.micro_batch_size=1", *QUIET]
+    args += ["trainer.steps=3", "trainer.save_every=1", "trainer.keep_last=3"]
+    ref_dir = tmp_path / "ref"
+    run_recipe(args, ref_dir)
+
+    def prompts(run_dir: Path, step: int) -> list[str]:
+        rows = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
+        return [r["prompt"] for r in rows if r["step"] == step]
+
+    for mode in ("replicate", "shard"):
+        run_dir = tmp_path / mode
+        shutil.copytree(ref_dir / "checkpoints" / "step_000001", run_dir / "checkpoints" / "step_000001")
+        resumed = [*args, *DDP, f"trainer.dist_rollout={mode}", "trainer.resume=auto"]
+        out = _finish(_torchrun([*resumed, f"hydra.run.dir={run_dir}"], tmp_path / f"probe-{mode}", tmp_path))
+        assert "resuming from" in out and "at step 1" in out
+        assert [r["step"] for r in read_metrics(run_dir)] == [2, 3, 3]  # steps 2, 3 and the final eval
+        for step in (2, 3):
+            assert prompts(run_dir, step) == prompts(ref_dir, step)
+        diff = _max_diff(_params(run_dir / "final_model"), _params(ref_dir / "final_model"))
+        if mode == "replicate":
+            assert diff < 1e-5
+            for d, s in zip(comparable(read_metrics(run_dir)), comparable(read_metrics(ref_dir))[1:]):
+                for key, value in s.items():
+                    assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (d["step"], key)
+
+
+def test_strategy_checks(monkeypatch):
+    with pytest.raises(ValueError, match=r"trainer\.strategy.*fsdp is not built yet"):
+        validate(compose_train(["trainer.strategy=fsdp"]))
+    cfg = validate(compose_train(["trainer.strategy=ddp"]))
+    with pytest.raises(ValueError, match="torchrun"):
+        Distributed(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"trainer\.strategy=single"):
+        Distributed(validate(compose_train([])))
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    with pytest.raises(ValueError, match=r"trainer\.prompts_per_step=3 must be divisible"):
+        Distributed(validate(compose_train(["trainer.strategy=ddp", "trainer.prompts_per_step=3"])))
