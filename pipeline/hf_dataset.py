@@ -16,7 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pipeline.tasks import Example, Message, Task, check_fraction, check_int, hold_out
+from pipeline.tasks import Example, Message, Task, check_fraction, check_int, checked_text, hold_out
 
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 _EXTRACTORS = ("none", "gsm8k", "regex")
@@ -201,13 +201,7 @@ def read_examples(
     out = []
     for i, row in enumerate(rows):
         at = f"{where} row {i}"
-        answer = row[answer_field]
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str):
-            raise ValueError(
-                f"{at}: {answer_field!r} must be a string or number, got {type(answer).__name__}."
-            )
+        answer = checked_text(row[answer_field], at, answer_field, numbers=True)
         answer = _extract(answer, extractor, pattern, f"{at}: {answer_field!r}")
         if not answer.strip():
             raise ValueError(f"{at}: {answer_field!r} is empty.")
@@ -215,12 +209,7 @@ def read_examples(
             messages = _messages(row[messages_field], f"{at}: {messages_field!r}")
             out.append(Example(messages[-1].content, answer, messages))
             continue
-        prompt = row[prompt_field]
-        if not isinstance(prompt, str):
-            raise ValueError(f"{at}: {prompt_field!r} must be a string, got {type(prompt).__name__}.")
-        if not prompt.strip():
-            raise ValueError(f"{at}: {prompt_field!r} is empty.")
-        out.append(Example(prompt, answer))
+        out.append(Example(checked_text(row[prompt_field], at, prompt_field), answer))
     if not out:
         raise ValueError(f"{where}: no examples (the split is empty).")
     return out

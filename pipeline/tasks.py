@@ -308,23 +308,24 @@ def read_jsonl(path: str | Path, *, prompt_key: str = "prompt", answer_key: str 
             for key in (prompt_key, answer_key):
                 if key not in row:
                     raise ValueError(f"{where}: missing key {key!r} (has {sorted(row)}).")
-            prompt, answer = row[prompt_key], row[answer_key]
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: {prompt_key!r} must be a string, got {type(prompt).__name__}.")
-            if not prompt.strip():
-                raise ValueError(f"{where}: {prompt_key!r} is empty.")
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = str(answer)
-            if not isinstance(answer, str):
-                raise ValueError(
-                    f"{where}: {answer_key!r} must be a string or number, got {type(answer).__name__}."
-                )
-            if not answer.strip():
-                raise ValueError(f"{where}: {answer_key!r} is empty.")
+            prompt = checked_text(row[prompt_key], where, prompt_key)
+            answer = checked_text(row[answer_key], where, answer_key, numbers=True)
             out.append(Example(prompt, answer))
     if not out:
         raise ValueError(f"{path}: no examples (the file is empty).")
     return out
+
+
+def checked_text(value: object, where: str, key: str, *, numbers: bool = False) -> str:
+    """A non-empty text field of a data row (numbers become strings where allowed); errors name the row and key."""
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        kind = "a string or number" if numbers else "a string"
+        raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__}.")
+    if not value.strip():
+        raise ValueError(f"{where}: {key!r} is empty.")
+    return value
 
 
 def check_fraction(name: str, value: object) -> None:

@@ -57,17 +57,23 @@ def run_recipe(cfg_or_overrides: Any, run_dir: Path) -> tuple[Any, float]:
         recipe.cleanup()
 
 
-def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` as a user runs it (offline hub, offline wandb)."""
+def run_script(
+    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 240
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` (``train.py``, ``evaluate.py``) as a user runs it (offline hub, offline wandb)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    return run_script("train.py", args, cwd=cwd, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -4,25 +4,15 @@ checkpoint of a 1-step training run scored exactly as that run's own held-out ev
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
-from tests.helpers import ROOT, SMALL_RUN, read_metrics, run_recipe
+from tests.helpers import SMALL_RUN, read_metrics, run_recipe, run_script
 
 HEADER = "| model | task | n | samples | accuracy | pass_at_n | format | len_mean | seconds |"
 
 
 def _evaluate(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = run_script("evaluate.py", args, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
