@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.tiny import CHATML_TEMPLATE, bpe_tokenizer, char_tokenizer, tiny_model
+from tests.helpers import save_tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -57,8 +58,4 @@ def models(char_tok):
 @pytest.fixture(scope="session")
 def saved_tiny(tmp_path_factory):
     """A random tiny GPT-2 + char tokenizer saved in Hugging Face format (a local model folder)."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = char_tokenizer()
-    tiny_model(tok, arch="gpt2", hidden=32, layers=2, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), arch="gpt2", hidden=32, layers=2)

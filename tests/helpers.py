@@ -83,3 +83,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def comparable(rows: list[dict]) -> list[dict]:
     """Metrics without wall-clock measurements."""
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def save_tiny_model(path: Path, **model_kwargs: Any) -> Path:
+    """A random tiny model + the char tokenizer saved in Hugging Face format (a local model folder)."""
+    from pipeline.tiny import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    tiny_model(tok, seed=0, **model_kwargs).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

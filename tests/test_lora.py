@@ -18,7 +18,15 @@ from pipeline import lora
 from pipeline.config import LoraConfig, validate
 from pipeline.eval_report import evaluate
 from pipeline.tiny import char_tokenizer, tiny_model
-from tests.helpers import ROOT, SMALL_RUN, comparable, compose_train, read_metrics, run_recipe
+from tests.helpers import (
+    ROOT,
+    SMALL_RUN,
+    comparable,
+    compose_train,
+    read_metrics,
+    run_recipe,
+    save_tiny_model,
+)
 
 pytest.importorskip("peft")
 
@@ -120,12 +128,8 @@ _MEASURE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def larger_tiny(tmp_path_factory):
-    """A 4-layer, 512-wide Llama (about 13M parameters): big enough for RSS differences to show."""
-    path = tmp_path_factory.mktemp("larger-tiny")
-    tok = char_tokenizer()
-    tiny_model(tok, arch="llama", hidden=512, layers=4, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """A 4-layer, 512-wide Llama (about 13M parameters): optimizer state and gradients dominate memory."""
+    return save_tiny_model(tmp_path_factory.mktemp("larger-tiny"), arch="llama", hidden=512, layers=4)
 
 
 def _measure(model_path, run_dir, *extra) -> dict:
