@@ -2,6 +2,8 @@
 
 Each torchrun run goes through a probe that starts ``train.py`` as torchrun would and, every time
 a checkpoint is taken (every step here), stores each rank's parameters, so the test sees all ranks.
+With ``PROBE_KILL=<rank>:<step>`` that rank SIGKILLs itself as it starts collecting that step: a crash
+at a known point, so the test does not race a fast machine.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ DDP = ["trainer.strategy=ddp"]
 
 _PROBE = textwrap.dedent(
     """
-    import os, runpy, sys, torch
+    import os, runpy, signal, sys, torch
     sys.path.insert(0, {root!r})
     from pipeline.recipe import GRPORecipe
 
@@ -43,25 +45,39 @@ _PROBE = textwrap.dedent(
         return save(self)
 
     GRPORecipe.save_checkpoint = save_checkpoint
+    kill = os.environ.get("PROBE_KILL")
+    if kill:
+        collect, (kill_rank, kill_step) = GRPORecipe.collect, kill.split(":")
+
+        def collect_or_die(self, examples):
+            if rank == kill_rank and self.step == int(kill_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return collect(self, examples)
+
+        GRPORecipe.collect = collect_or_die
     sys.argv[0] = {train!r}
     runpy.run_path({train!r}, run_name="__main__")
     """
 )
 
 
-def _env(probe: Path) -> dict:
+def _env(probe: Path, kill: str | None = None) -> dict:
     offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return {**os.environ, **offline, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **offline, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
+    env.pop("PROBE_KILL", None)
+    return {**env, "PROBE_KILL": kill} if kill else env
 
 
-def _torchrun(args: list[str], probe: Path, cwd: Path, nproc: int = 2) -> subprocess.Popen:
+def _torchrun(
+    args: list[str], probe: Path, cwd: Path, nproc: int = 2, kill: str | None = None
+) -> subprocess.Popen:
     probe.mkdir(parents=True, exist_ok=True)
     script = probe / "probe.py"
     script.write_text(_PROBE.format(root=str(ROOT), train=str(ROOT / "train.py")))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, str(script), *args]
     return subprocess.Popen(
-        cmd, cwd=cwd, env=_env(probe), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, env=_env(probe, kill), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -152,12 +168,10 @@ def test_killed_rank_ends_the_job_and_a_resumed_run_matches(saved_tiny, tmp_path
     _finish(_torchrun([*args, f"hydra.run.dir={ref_dir}"], tmp_path / "probe-ref", tmp_path))
 
     run_dir, probe = tmp_path / "killed", tmp_path / "probe-killed"
-    proc = _torchrun([*args, f"hydra.run.dir={run_dir}"], probe, tmp_path)
-    _wait_for_step(proc, run_dir / "metrics.jsonl", 3)  # the checkpoint of step 2 is on disk
-    os.kill(int((probe / "rank1.pid").read_text()), signal.SIGKILL)
-    start = time.monotonic()
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0 and time.monotonic() - start < 60
+    # rank 1 dies as it starts step 4; rank 0 saved step 2 before the step-3 gradient all-reduce
+    proc = _torchrun([*args, f"hydra.run.dir={run_dir}"], probe, tmp_path, kill="1:3")
+    out, _ = proc.communicate(timeout=180)  # no hang: rank 0, blocked in a collective, is ended too
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in out, out[-3000:]
     saved = [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
     assert "step_000002" in saved and "step_000004" not in saved
 
