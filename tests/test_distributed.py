@@ -31,7 +31,7 @@ DDP = ["trainer.strategy=ddp"]
 
 _PROBE = textwrap.dedent(
     """
-    import os, runpy, signal, sys, torch
+    import os, runpy, signal, sys, time, torch
     sys.path.insert(0, {root!r})
     from pipeline.recipe import GRPORecipe
 
@@ -51,6 +51,7 @@ _PROBE = textwrap.dedent(
 
         def collect_or_die(self, examples):
             if rank == kill_rank and self.step == int(kill_step):
+                open(f"{{out}}/killed_at", "w").write(str(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
             return collect(self, examples)
 
@@ -172,6 +173,7 @@ def test_killed_rank_ends_the_job_and_a_resumed_run_matches(saved_tiny, tmp_path
     proc = _torchrun([*args, f"hydra.run.dir={run_dir}"], probe, tmp_path, kill="1:3")
     out, _ = proc.communicate(timeout=180)  # no hang: rank 0, blocked in a collective, is ended too
     assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in out, out[-3000:]
+    assert time.time() - float((probe / "killed_at").read_text()) < 60
     saved = [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
     assert "step_000002" in saved and "step_000004" not in saved
 
