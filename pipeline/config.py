@@ -183,6 +183,7 @@ class TrainerConfig:
     max_nonfinite: int = 3
     deterministic: bool = True
     threads: int | None = None
+    max_minutes: float | None = None  # wall-clock budget: stop after the step that reaches it, then save
     strategy: Strategy = Strategy.single  # ddp: data parallel over torchrun ranks (pipeline.distributed)
     dist_timeout_s: float = 1800.0  # process-group timeout: a collective stuck this long ends the job
     dist_rollout: DistRollout = DistRollout.shard
@@ -217,6 +218,12 @@ class TrainerConfig:
         )
         _require(
             self.threads is None or self.threads >= 1, "trainer.threads", "null or an int >= 1", self.threads
+        )
+        _require(
+            self.max_minutes is None or self.max_minutes > 0,
+            "trainer.max_minutes",
+            "null or a number of minutes > 0",
+            self.max_minutes,
         )
 
 

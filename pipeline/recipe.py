@@ -11,6 +11,7 @@ right-padded with ``tokens_response_mask``; ``text``, ``text_response``), then `
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -32,11 +33,9 @@ from pipeline.critic import build_critic
 from pipeline.distributed import Distributed, NullLogger
 from pipeline.evaluation import greedy_eval
 from pipeline.loggers import RunLogger
-from pipeline.logprobs import entropy_from_logits, fit_width
 from pipeline.metrics import UpdateStats, completion_rows, perf_metrics, reward_metrics, rollout_metrics
-from pipeline.policy import TransformersWrapper
 from pipeline.rewards import RewardResult, RewardSet
-from pipeline.rollout import add_train_log_probs, check_rollout, setup_rollout
+from pipeline.rollout import add_train_log_probs, check_rollout, scored_log_probs, setup_rollout
 from pipeline.runtime import PhaseTimer, StopRequest, TrainingError, seed_everything, write_run_info
 from pipeline.tasks import Example
 
@@ -163,8 +162,9 @@ class GRPORecipe:
         tr = self.cfg.trainer
         if self.step == 0 and tr.eval_every:
             self.logger.log(0, self.evaluate())
+        start, out_of_time = time.monotonic(), False
         with StopRequest() as stop:
-            while self.step < tr.steps:
+            while self.step < tr.steps and not out_of_time:
                 timer = PhaseTimer()
                 with timer("collect"):  # 1. G samples per prompt, with behaviour log-probs
                     examples = self.task.sample(tr.prompts_per_step)  # the global batch, on every rank
@@ -191,8 +191,10 @@ class GRPORecipe:
                     **perf_metrics(
                         float(rollout["lengths"].sum()), timer.times, timer.elapsed(), self.device
                     ),
+                    "perf/train_minutes": (minutes := (time.monotonic() - start) / 60),
                 }
-                self._log_step(metrics, rollout, examples)
+                out_of_time = tr.max_minutes is not None and self.dist.any(minutes >= tr.max_minutes)
+                self._log_step(metrics, rollout, examples, last=out_of_time)
                 if self.dist.any(stop.requested):  # on any rank
                     self.save_checkpoint()
                     raise KeyboardInterrupt(
@@ -206,9 +208,11 @@ class GRPORecipe:
             self.logger.log(self.step, self.evaluate())
         return self.last_accuracy
 
-    def _log_step(self, metrics: dict[str, float], rollout: TensorDictBase, examples: list[Example]) -> None:
+    def _log_step(
+        self, metrics: dict[str, float], rollout: TensorDictBase, examples: list[Example], last: bool
+    ) -> None:
         tr, step = self.cfg.trainer, self.step
-        if tr.eval_every and (step % tr.eval_every == 0 or step == tr.steps):
+        if tr.eval_every and (step % tr.eval_every == 0 or step == tr.steps or last):
             metrics.update(self.evaluate())
         if step % tr.log_every == 0 or step == tr.steps or "eval/accuracy" in metrics:
             self.logger.log(
@@ -277,28 +281,16 @@ class GRPORecipe:
             return
         with torch.inference_mode(), lora.adapters_disabled(self.ref_scorer.model):
             parts = [
-                self._log_probs(self.ref_scorer, rollout[idx])[0]
+                scored_log_probs(self.ref_scorer, rollout[idx])[0]
                 for idx in torch.arange(len(rollout)).split(self.sizes["micro_batch"])
             ]
             ref = torch.cat(parts).to(rollout["log_probs"].dtype)
         rollout["ref_log_probs"] = ref
 
-    def _log_probs(
-        self, scorer: TransformersWrapper, batch: TensorDictBase
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs of the batch's responses, padded like ``batch["log_probs"]`` (and per-token entropy
-        when the scorer returns logits)."""
-        width = batch["log_probs"].shape[1]
-        out = scorer(batch.select("tokens", "attention_mask", "tokens_response", "tokens_response_mask"))
-        lp = fit_width(out["log_probs"], width)
-        if not scorer.return_logits:
-            return lp, None
-        return lp, fit_width(entropy_from_logits(out["logits"] / scorer.log_probs_temperature), width)
-
     def _forward(self, batch: TensorDictBase, *, detach: bool) -> tuple[torch.Tensor, ...]:
         """Log-probs, entropy and (PPO) values of a micro-batch: a shared value head reads the same pass."""
         with self.critic.capture() if self.critic is not None else nullcontext() as hidden:
-            lp, entropy = self._log_probs(self.scorer, batch)
+            lp, entropy = scored_log_probs(self.scorer, batch)
         values = self.critic.values(batch, hidden, detach=detach) if self.critic is not None else None
         return lp, entropy, values
 

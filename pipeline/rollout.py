@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.build import build_policy
 from pipeline.config import Advantage, CriticKind, RolloutEngine, TrainConfig
+from pipeline.logprobs import entropy_from_logits, fit_width
 from pipeline.models import resolve_path
 from pipeline.vllm_args import INSTALL_HINT, vllm_available
 
@@ -138,6 +139,17 @@ def add_train_log_probs(recipe: Any, rollout: Any) -> None:
     micro = recipe.sizes["micro_batch"]
     with torch.no_grad():
         parts = [
-            recipe._log_probs(recipe.scorer, rollout[i])[0] for i in torch.arange(len(rollout)).split(micro)
+            scored_log_probs(recipe.scorer, rollout[i])[0] for i in torch.arange(len(rollout)).split(micro)
         ]
     rollout["train_log_probs"] = torch.cat(parts).to(rollout["log_probs"].dtype)
+
+
+def scored_log_probs(scorer: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scorer's log-probs of the batch's responses, padded like ``batch["log_probs"]`` (and the
+    per-token entropy when the scorer returns logits)."""
+    width = batch["log_probs"].shape[1]
+    out = scorer(batch.select("tokens", "attention_mask", "tokens_response", "tokens_response_mask"))
+    lp = fit_width(out["log_probs"], width)
+    if not scorer.return_logits:
+        return lp, None
+    return lp, fit_width(entropy_from_logits(out["logits"] / scorer.log_probs_temperature), width)

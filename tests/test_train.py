@@ -38,6 +38,17 @@ def test_in_process_two_steps(saved_tiny, tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000001", "step_000002"]
 
 
+def test_max_minutes_stops_after_the_step_that_reaches_it_saves_and_evaluates(saved_tiny, tmp_path):
+    over = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "trainer.steps=50"]
+    over += ["trainer.eval_every=20", "trainer.max_minutes=1e-6"]  # reached by the first step
+    _, accuracy = run_recipe(over, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1]  # the start's evaluation, then one step
+    assert rows[1]["perf/train_minutes"] > 0 and rows[1]["eval/accuracy"] == accuracy  # evaluated at the stop
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]
+    assert (tmp_path / "final_model" / "config.json").exists()
+
+
 @pytest.mark.slow
 def test_subprocess_end_to_end_with_wandb_offline(saved_tiny, tmp_path):
     run_dir = tmp_path / "run"
