@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.lm_head import head_of
+
 # Rows of the flattened [N, V] logits processed at once: bounds the temporaries of the
 # log-softmax to about 2**25 elements whatever the batch and vocabulary.
 _CHUNK_ELEMENTS = 2**25
@@ -128,10 +130,13 @@ def sequence_log_probs(
     keep = n_resp + 1
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
-    logits = model(
-        input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask), **kwargs
-    ).logits
-    logits = logits[:, -keep:-1]
+    inputs = dict(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask))
+    head = None if return_logits else head_of(model)
+    if head is not None:  # the LM head in chunks at real response positions only (pipeline.lm_head)
+        hidden = head.hidden(**inputs, **kwargs)[:, -keep:-1]
+        lp = head.log_probs(hidden[resp_mask], resp_ids[resp_mask], temperature)
+        return hidden.new_zeros(resp_ids.shape, dtype=lp.dtype).masked_scatter(resp_mask, lp), resp_mask, None
+    logits = model(**inputs, **kwargs).logits[:, -keep:-1]
     log_probs = token_log_probs(logits, resp_ids, temperature)
     return log_probs, resp_mask, logits if return_logits else None
 

@@ -11,6 +11,7 @@ own, and no ``B x T x V`` logits are kept during generation unless asked for.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, lazy_s
 from tensordict.nn import TensorDictModuleBase
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from pipeline import lm_head
 from pipeline.logprobs import StepLogProbs, pad_left, response_lengths, sequence_log_probs
 from pipeline.policy_args import (
     as_tensor_list,
@@ -80,6 +82,8 @@ class TransformersWrapper(TensorDictModuleBase):
             tokens (EOS, pad, chat markers), i.e. the completion text a reward reads. The default
             ``False`` decodes every generated token, the first EOS included. ``"tokens_response"``
             and ``"log_probs"`` are the same either way.
+        autocast_dtype: ``torch.bfloat16``/``torch.float16`` runs generation and scoring under
+            ``torch.autocast`` (mixed precision over float32 weights); log-probs stay float32.
 
     Input containers: a ``TensorDict`` or a tensorclass (the wrapper runs on the tensordict
     underneath and returns the same class; the class must declare every key written), of any batch
@@ -130,6 +134,7 @@ class TransformersWrapper(TensorDictModuleBase):
         log_probs_temperature: float = 1.0,
         return_logits: bool = False,
         skip_special_tokens: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_samples = check_wrapper_args(
@@ -148,6 +153,13 @@ class TransformersWrapper(TensorDictModuleBase):
         self.return_log_probs = (not generate) if return_log_probs is None else return_log_probs
         self.return_logits = return_logits
         self.skip_special_tokens = skip_special_tokens
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}."
+            )
+        self.autocast_dtype = autocast_dtype
+        if not generate:
+            lm_head.prepare(model)  # score mode: the LM head in chunks where the model allows it
         self.log_probs_temperature = float(log_probs_temperature)
         self._device = torch.device(device) if device is not None else None
         self.tokenizer = with_pad_token(tokenizer)
@@ -228,14 +240,19 @@ class TransformersWrapper(TensorDictModuleBase):
                 f"{type(tensordict_out).__name__} of batch size {tuple(out_td.shape)}."
             )
 
+        autocast = (
+            torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        )
         with set_list_to_stack(True):
             if self.generate:
                 prompts, texts = self._prompt_ids(flat)
-                outputs = self._generate(prompts, cfg, group)
+                with autocast:
+                    outputs = self._generate(prompts, cfg, group)
                 if texts is not None:
                     outputs[self.text_key] = [t for t in texts for _ in range(group)]
             else:
-                outputs = self._score(flat)
+                with autocast:
+                    outputs = self._score(flat)
             if dense:
                 out = self._dense(outputs, td)
                 result = place_dense(out, td, tensordict, tensordict_out, self.inplace, out_shape, n_samples)
