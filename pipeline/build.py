@@ -117,4 +117,9 @@ def build_policy(
         }
     else:
         kwargs = {"from_text": False, "generate": False, "log_probs_temperature": gen.temperature}
+    if mode != "score" and cfg.trainer.strategy.value == "fsdp" and torch.distributed.is_initialized():
+        # sharded weights: each forward is a collective, so ranks done early keep stepping with the rest
+        kwargs["generate_kwargs"] = {**kwargs["generate_kwargs"], "synced_gpus": True}
+    if cfg.model.autocast:
+        kwargs["autocast_dtype"] = getattr(torch, cfg.model.autocast)
     return TransformersWrapper(model, tokenizer=tokenizer, **{**kwargs, **overrides})

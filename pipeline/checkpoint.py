@@ -74,10 +74,14 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step_NNNNNN`` atomically and prune to the newest ``keep_last``.
 
     ``extra`` maps a name to a state dict of tensors saved as ``NAME.pt`` (e.g. PPO's ``critic``).
+    ``state_dict`` / ``optimizer_state`` replace the model's and optimizer's own (FSDP: the full
+    states gathered from the shards, so the files are those one process writes).
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
@@ -85,9 +89,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for name, tensors in (extra or {}).items():
         torch.save(tensors, tmp / f"{name}.pt")

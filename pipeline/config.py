@@ -9,7 +9,6 @@ from a run's ``.hydra/config.yaml`` (that has lost its schema): the schema is re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -27,7 +26,10 @@ from pipeline.config_tasks import (
 from pipeline.config_types import (
     Advantage,
     CriticKind,
+    DistRollout,
     DType,
+    RolloutEngine,
+    Strategy,
     WandbMode,
     _require,
 )
@@ -60,6 +62,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     fused_activation: bool = True  # run GPT-2's gelu_new as the same function's fused kernel
+    autocast: str | None = None  # bfloat16 | float16: mixed precision over float32 weights (torch.autocast)
     lora: LoraConfig = field(default_factory=LoraConfig)  # peft adapters (pipeline.lora)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,11 @@ class ModelConfig:
             "a hub id, local folder, builtin://NAME or gguf://PACKAGE/FILE.gguf",
             self.name_or_path,
         )
+        _require(self.autocast in (None, "bfloat16", "float16"), "model.autocast",
+                 "null, bfloat16 or float16", self.autocast)  # fmt: skip
+        _require(self.autocast is None or self.dtype is DType.float32, "model.autocast",
+                 "float32 weights (model.dtype=float32): autocast computes in low precision over them",
+                 f"{self.autocast} with model.dtype={self.dtype.value}")  # fmt: skip
         dev = self.device
         _require(dev in ("auto", "cpu", "mps") or dev == "cuda" or dev.startswith("cuda:"),
                  "model.device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", dev)  # fmt: skip
@@ -156,17 +164,6 @@ class OptimConfig:
         _require(self.scheduler in names, "optim.scheduler", f"one of {names}", self.scheduler)
 
 
-class Strategy(Enum):
-    single = "single"  # one process
-    ddp = "ddp"  # torchrun ranks, DistributedDataParallel
-    fsdp = "fsdp"  # FSDP2 fully_shard: not built yet (rejected at start-up)
-
-
-class DistRollout(Enum):
-    shard = "shard"  # each rank generates its own prompt groups (per-rank seeds)
-    replicate = "replicate"  # every rank generates the global batch and keeps its rows (tests)
-
-
 @dataclass
 class TrainerConfig:
     steps: int = 300
@@ -184,17 +181,11 @@ class TrainerConfig:
     deterministic: bool = True
     threads: int | None = None
     max_minutes: float | None = None  # wall-clock budget: stop after the step that reaches it, then save
-    strategy: Strategy = Strategy.single  # ddp: data parallel over torchrun ranks (pipeline.distributed)
+    strategy: Strategy = Strategy.single  # ddp/fsdp: data parallel over torchrun ranks (pipeline.distributed)
     dist_timeout_s: float = 1800.0  # process-group timeout: a collective stuck this long ends the job
     dist_rollout: DistRollout = DistRollout.shard
 
     def __post_init__(self) -> None:
-        _require(
-            self.strategy is not Strategy.fsdp,
-            "trainer.strategy",
-            "single or ddp (fsdp is not built yet: use ddp while the model fits on one device)",
-            "fsdp",
-        )
         _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "a number > 0", self.dist_timeout_s)
         for key in (
             "steps",
@@ -237,11 +228,6 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     console: bool = True
     plot: bool = True
-
-
-class RolloutEngine(Enum):
-    hf = "hf"  # Hugging Face generate on the training model
-    vllm = "vllm"  # a vLLM engine with its own copy of the weights (optional extra: make install-vllm)
 
 
 @dataclass
@@ -306,6 +292,8 @@ class TrainConfig:
         one_process = self.algo.advantage == Advantage.gae or self.algo.dynamic_sampling
         if one_process and self.trainer.strategy.value != "single":
             raise ValueError("algo.advantage=gae and algo.dynamic_sampling need trainer.strategy=single.")
+        if self.model.lora.enabled and self.trainer.strategy == Strategy.fsdp:
+            raise ValueError("model.lora.enabled=true is not supported with trainer.strategy=fsdp; use ddp.")
         shared_head = self.algo.advantage == Advantage.gae and self.algo.critic == CriticKind.shared
         if shared_head and self.rollout.engine.value != "hf":  # its values come from HF generate's passes
             raise ValueError("algo.critic=shared needs rollout=hf (else use algo.critic=separate).")

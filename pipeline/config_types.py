@@ -53,3 +53,19 @@ class WandbMode(Enum):
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"{key} must be {expected}, got {value!r}.")
+
+
+class Strategy(Enum):
+    single = "single"  # one process
+    ddp = "ddp"  # torchrun ranks, DistributedDataParallel
+    fsdp = "fsdp"  # torchrun ranks, FSDP2 fully_shard (pipeline.fsdp)
+
+
+class DistRollout(Enum):
+    shard = "shard"  # each rank generates its own prompt groups (per-rank seeds)
+    replicate = "replicate"  # every rank generates the global batch and keeps its rows (tests)
+
+
+class RolloutEngine(Enum):
+    hf = "hf"  # Hugging Face generate on the training model
+    vllm = "vllm"  # a vLLM engine with its own copy of the weights (optional extra: make install-vllm)

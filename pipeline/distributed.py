@@ -1,4 +1,4 @@
-"""Data parallelism over ``torchrun`` ranks (``trainer.strategy=ddp``): every distributed concern of a recipe.
+"""Data parallelism over ``torchrun`` ranks (``trainer.strategy=ddp|fsdp``): every distributed concern of a recipe.
 
 ``torchrun --nproc_per_node N train.py trainer.strategy=ddp ...`` starts N ranks. Each samples the
 same global batch of prompts (the task sampler stays identical, hence resumable on any number of
@@ -9,6 +9,11 @@ gradient of the single-process loss. Micro-batches other than the last of a mini
 ``no_sync``. Rank 0 alone writes the run folder, wandb, metrics and checkpoints; metrics are
 computed on the tensors gathered from every rank.
 
+``trainer.strategy=fsdp`` runs the same loop on a model sharded by FSDP2 (:mod:`pipeline.fsdp`):
+gradients are reduce-scattered as sums, accumulation micro-batches skip the reduction, rollouts and
+evaluation run under ``no_grad`` with the weights gathered and every rank generating in lock-step
+(evaluation shares padded to one length), and checkpoints hold full states in the one-process format.
+
 ``trainer.strategy=single`` (the default) gives a :class:`Distributed` whose methods are identities,
 so one process runs exactly as before.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,8 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline import fsdp
 from pipeline.launch import env_rank, env_world_size, scheduler_env
 from pipeline.metrics import UpdateStats
 from pipeline.rewards import RewardResult
@@ -110,19 +117,21 @@ class Distributed:
             os.environ.update(scheduler_env(os.environ))
         self.world_size, self.rank = env_world_size(), env_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.strategy == "ddp"
+        self.enabled, self.fsdp = self.strategy != "single", self.strategy == "fsdp"
         self.ddp: _DDP | None = None
+        self.sharded: torch.nn.Module | None = None  # fsdp: the policy model, sharded in place
         if not self.enabled:
             if self.world_size > 1:
                 raise ValueError(
                     f"launched as {self.world_size} processes (WORLD_SIZE={self.world_size}, torchrun) but "
-                    "trainer.strategy=single; set trainer.strategy=ddp for data parallelism."
+                    "trainer.strategy=single; set trainer.strategy=ddp (or fsdp) for data parallelism."
                 )
             return
         if "MASTER_ADDR" not in os.environ:
+            s = self.strategy
             raise ValueError(
-                "trainer.strategy=ddp needs the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR): "
-                "launch with `torchrun --nproc_per_node N train.py trainer.strategy=ddp ...`, or under srun / "
+                f"trainer.strategy={s} needs the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR): "
+                f"launch with `torchrun --nproc_per_node N train.py trainer.strategy={s} ...`, or under srun / "
                 "`-m hydra/launcher=slurm_gpu_node` (SLURM_PROCID, SLURM_NTASKS)."
             )
         w = self.world_size
@@ -147,6 +156,7 @@ class Distributed:
             timeout=timedelta(seconds=tr.dist_timeout_s),
             device_id=self.device if use_cuda else None,
         )
+        self.mesh = init_device_mesh(self.device.type, (w,)) if self.fsdp else None
 
     # ------------------------------------------------------------------ roles and sizes
     @property
@@ -157,7 +167,7 @@ class Distributed:
         if not self.enabled:
             return "1 process"
         mode = "replicated generation (test mode)" if self.replicate else "sharded generation"
-        return f"ddp over {self.world_size} ranks ({self.backend}, {mode}; the sizes above are per rank)"
+        return f"{self.strategy} over {self.world_size} ranks ({self.backend}, {mode}; the sizes above are per rank)"
 
     def local_sizes(self, sizes: dict[str, int], micro_batch_size: int) -> dict[str, int]:
         """``derived_sizes`` per rank: the rollout and minibatches are split over the ranks."""
@@ -175,6 +185,15 @@ class Distributed:
         n = len(items)
         return list(items[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size])
 
+    def eval_shard(self, items: Sequence[T]) -> tuple[list[T], int]:
+        """(this rank's share, how many of it are real). Under fsdp every generate call is a collective,
+        so each share is padded to the longest with copies of ``items[0]`` (to be ignored)."""
+        mine = self.shard(items)
+        if not self.fsdp or not items:
+            return mine, len(mine)
+        longest = -(-len(items) // self.world_size)
+        return mine + [items[0]] * (longest - len(mine)), len(mine)
+
     def shared_path(self, path: Path) -> Path:
         """Rank 0's ``path`` on every rank (the run folder: Hydra's on ranks > 0 is a throw-away one)."""
         if not self.enabled:
@@ -185,24 +204,62 @@ class Distributed:
 
     # ------------------------------------------------------------------ model
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the training forward runs through: DDP (sum all-reduce) or the model itself."""
+        """The module the training forward runs through: DDP (sum all-reduce), or the model itself
+        (fsdp: sharded in place, gradients summed; the optimizer must be built after this)."""
         if not self.enabled:
             return model
+        if self.fsdp:
+            if self.sharded is None:
+                self.sharded = fsdp.shard(model, self.mesh)
+            return self.sharded
         if self.ddp is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = _DDP(model, device_ids=ids, forward_sync_buffers=False)
             self.ddp.register_comm_hook(None, _sum_hook)
         return self.ddp
 
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that only runs forward (the KL reference): sharded like the policy under fsdp."""
+        if not self.fsdp:
+            return model
+        return fsdp.shard(model, self.mesh, reshard_root=True)
+
+    def inference(self) -> AbstractContextManager:
+        """The no-gradient context of rollouts, reference log-probs and evaluation: ``inference_mode``,
+        or under fsdp ``no_grad`` with the policy's weights gathered (:func:`pipeline.fsdp.gathered`)."""
+        return fsdp.gathered(self.sharded) if self.fsdp else torch.inference_mode()
+
     def accumulate(self, micro_batches: Iterable[T]) -> Iterator[T]:
         """Yield the micro-batches of one optimizer step; all but the last run under DDP's ``no_sync``
-        (forward and backward happen in the loop body, inside the context), so gradients are
-        all-reduced once per optimizer step."""
+        (fsdp: ``set_requires_gradient_sync(False)``; forward and backward happen in the loop body,
+        inside the context), so gradients are reduced once per optimizer step."""
         items = list(micro_batches)
         for i, item in enumerate(items):
-            quiet = self.ddp is not None and i < len(items) - 1
-            with self.ddp.no_sync() if quiet else nullcontext():
+            last = i == len(items) - 1
+            if self.sharded is not None:
+                self.sharded.set_requires_gradient_sync(last)
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 yield item
+
+    def clip_grad_norm_(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm``; the global gradient norm (over every rank's shards under fsdp)."""
+        return fsdp.clip_grad_norm_(params, max_norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_state(self, model: torch.nn.Module, optimizer: Any = None) -> dict[str, Any]:
+        """Under fsdp, ``state_dict`` (and ``optimizer_state``) gathered whole to rank 0 for
+        :func:`pipeline.checkpoint.save_checkpoint` / :func:`pipeline.lora.save_pretrained`, which
+        then write what one process would; ``{}`` otherwise (the model's own). A collective."""
+        if not self.fsdp:
+            return {}
+        out: dict[str, Any] = {"state_dict": fsdp.full_model_state(model)}
+        if optimizer is not None:
+            out["optimizer_state"] = fsdp.full_optimizer_state(optimizer, keep=self.is_main)
+        return out
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a saved (whole) optimizer state; under fsdp each rank keeps its shards."""
+        optimizer.load_state_dict(fsdp.sharded_optimizer_state(optimizer, state) if self.fsdp else state)
 
     # ------------------------------------------------------------------ rollout
     def collect(

@@ -40,7 +40,7 @@ def eval_metrics(
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 cannot run under it (the recipe picks the mode)
 def greedy_eval(
     greedy: Callable[[Any], Any],
     prompt_batch: Callable[[list[Example]], Any],
@@ -49,6 +49,7 @@ def greedy_eval(
     examples: list[Example],
     gather: Callable[..., list[Any]] | None = None,
     format_name: str = "format",
+    real: int | None = None,
 ) -> dict[str, float]:
     """Greedy held-out accuracy (the ``accuracy`` reward == 1) and mean length of ``examples``.
 
@@ -59,7 +60,9 @@ def greedy_eval(
     A failing accuracy reward is handled as in training (``rewards.on_error``): ``zero`` counts the
     sample as wrong, ``drop`` leaves it out of the accuracy, ``fail`` stops the run. ``gather``
     concatenates the per-rank scores and lengths (``Distributed.gather_all``). A reward function
-    named ``format_name`` (when the set has one, whatever its weight) gives ``eval/format``.
+    named ``format_name`` (when the set has one, whatever its weight) gives ``eval/format``. Only the
+    first ``real`` examples count (``None``: all): the others pad a rank's share so that every rank
+    runs the same generate calls (FSDP, :meth:`pipeline.distributed.Distributed.eval_shard`).
     """
     fmt = format_name if format_name in rewards.functions else None
     scores, formats, lengths, n = [], [], [], 1
@@ -68,6 +71,11 @@ def greedy_eval(
         out = greedy(prompt_batch(chunk))
         out = out.reshape(-1) if out.ndim > 1 else out  # a sampling policy: [prompts, n] -> prompt-major
         n = len(out) // max(len(chunk), 1)
+        keep = len(chunk) if real is None else min(len(chunk), real - start)
+        if keep <= 0:
+            continue
+        if keep < len(chunk):
+            chunk, out = chunk[:keep], out[: keep * n]
         lengths += out["tokens_response_mask"].sum(-1).tolist()
         completions = list(out["text_response"])
         answers = [e.answer for e in chunk for _ in range(n)]

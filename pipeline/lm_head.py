@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 # Rows of logits rebuilt at once: about 2**24 elements (64 MB in float32) whatever the vocabulary.
 _CHUNK_ELEMENTS = 2**24
@@ -155,5 +156,7 @@ def head_of(model: torch.nn.Module) -> HiddenHead | None:
     """The chunked path for ``model`` once :func:`prepare` showed its logits are exactly its head's
     output; None otherwise (not prepared, post-processed logits, a sharded or adapter-wrapped head)."""
     base = getattr(model, "module", model)
+    if isinstance(base, FSDPModule):  # its weights are gathered only inside its own forward
+        return None
     head = _linear_head(base)
     return HiddenHead(model, head) if head is not None and _CHECKED.get(base) else None

@@ -79,11 +79,14 @@ def reference_model(model: torch.nn.Module, load: Callable[[], torch.nn.Module])
     return model if is_lora(model) else load().requires_grad_(False)
 
 
-def save_pretrained(model: torch.nn.Module, path: Path) -> Path:
+def save_pretrained(
+    model: torch.nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """The model in Hugging Face format at ``path``; a LoRA model merged into its base weights (a copy:
-    the live model keeps its adapters), with the adapters alone in ``path`` + ``_adapter``."""
+    the live model keeps its adapters), with the adapters alone in ``path`` + ``_adapter``.
+    ``state_dict`` replaces a plain model's own (FSDP: the full state gathered from the shards)."""
     if not is_lora(model):
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         return path
     model.save_pretrained(path.with_name(path.name + ADAPTER_SUFFIX))
     merged = copy.deepcopy(model).merge_and_unload()

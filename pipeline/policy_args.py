@@ -17,7 +17,13 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from pipeline import chat
 
 # generate() arguments that are not GenerationConfig fields; passed through to generate().
-GENERATE_EXTRAS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "streamer"}
+GENERATE_EXTRAS = {
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "streamer",
+    "synced_gpus",
+}
 # GenerationConfig fields the wrapper controls itself, with the reason given to the user.
 MANAGED = {
     "return_dict_in_generate": "the wrapper always reads generate()'s dict output",

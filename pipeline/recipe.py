@@ -45,7 +45,7 @@ __all__ = ["GRPORecipe", "TrainingError"]
 class GRPORecipe:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, group: str | None = None) -> None:
         self.cfg = cfg
-        self.dist = Distributed(cfg)  # torchrun ranks with trainer.strategy=ddp; identities otherwise
+        self.dist = Distributed(cfg)  # torchrun ranks with trainer.strategy=ddp|fsdp; identities otherwise
         self.run_dir = self.dist.shared_path(run_dir)  # rank 0's run folder on every rank
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.group = group
@@ -95,7 +95,7 @@ class GRPORecipe:
         self.ref_scorer = None
         if cfg.algo.kl_coef > 0:  # the initial weights: LoRA's base (adapters disabled) or a frozen copy
             ref = lora.reference_model(self.model, lambda: load_model_and_tokenizer(cfg)[0])
-            self.ref_scorer = build_policy(cfg, "score", model=ref, **shared)
+            self.ref_scorer = build_policy(cfg, "score", model=self.dist.frozen(ref), **shared)
         self.critic = build_critic(cfg, self.model) if cfg.algo.advantage.value == "gae" else None  # PPO
         self.algorithm = Algorithm(cfg, self.critic)  # rewards shaping, advantages, the loss
 
@@ -123,7 +123,7 @@ class GRPORecipe:
         if self.resume_from is None:
             return
         state, optim_state, sched_state, rng = checkpoint.load_training_state(self.resume_from)
-        self.optimizer.load_state_dict(optim_state)
+        self.dist.load_optimizer_state(self.optimizer, optim_state)  # fsdp: this rank's shards
         if self.critic is not None:
             self.critic.load_state_dict(checkpoint.load_extra(self.resume_from, "critic"))
         self.scheduler.load_state_dict(sched_state)
@@ -232,13 +232,15 @@ class GRPORecipe:
         their log-probs right-padded (``tokens_response``, ``log_probs``) with ``tokens_response_mask``.
         """
         recording = self.critic.recording() if self.critic is not None else nullcontext([])
-        with torch.inference_mode(), recording as steps:  # steps: a shared value head's values, per token
+        with self.dist.inference(), recording as steps:  # steps: a shared value head's values, per token
             rollout = self.policy(self._prompt_batch(examples)).reshape(-1)
-        rollout = rollout.clone()  # a normal tensordict: inference tensors cannot take part in autograd
+        # a normal tensordict (inference tensors cannot take part in autograd) on the trainer's device: vLLM
+        # returns CPU tensors, and rewards, advantages, ... written later follow the tensordict's device
+        rollout = rollout.clone().to(self.device)
         mask = rollout["tokens_response_mask"]
         lengths = mask.sum(-1)
         last = rollout["tokens_response"].gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        eos = torch.as_tensor(self.policy.generation_config.eos_token_id).reshape(-1)
+        eos = torch.as_tensor(self.policy.generation_config.eos_token_id, device=last.device).reshape(-1)
         rollout["lengths"], rollout["ended"] = lengths, (lengths > 0) & torch.isin(last, eos)
         if self.critic is not None:  # PPO: V(state before each response token)
             rollout["values"] = self.critic.rollout_values(rollout, steps, self.sizes["micro_batch"])
@@ -279,7 +281,7 @@ class GRPORecipe:
         """Log-probs of the frozen reference model (``ref_log_probs``), when the KL term is on."""
         if self.ref_scorer is None:
             return
-        with torch.inference_mode(), lora.adapters_disabled(self.ref_scorer.model):
+        with self.dist.inference(), lora.adapters_disabled(self.ref_scorer.model):
             parts = [
                 scored_log_probs(self.ref_scorer, rollout[idx])[0]
                 for idx in torch.arange(len(rollout)).split(self.sizes["micro_batch"])
@@ -325,7 +327,7 @@ class GRPORecipe:
     def _optimizer_step(self, loss: float, stats: UpdateStats) -> None:
         """Clip and step; a non-finite loss or gradient norm skips the step (and aborts after too many)."""
         clip = self.cfg.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = self.dist.clip_grad_norm_(self.model.parameters(), clip)  # fsdp: over every rank's shards
         vnorm = self.critic.clip_grad_norm(clip) if self.critic is not None else None
         finite = bool(np.isfinite(loss) and torch.isfinite(norm) and np.isfinite(vnorm or 0.0))
         stats.add_step(loss, float(norm), skipped=not finite, value_grad_norm=vnorm)
@@ -344,14 +346,12 @@ class GRPORecipe:
             )
 
     # ------------------------------------------------------------------ eval / save
-    @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy and mean length (:func:`pipeline.evaluation.greedy_eval`), ranks sharing the work."""
-        examples = self.dist.shard(self.task.eval_examples[: self.cfg.trainer.eval_size])
-        accuracy = self.cfg.reward.accuracy
-        out = greedy_eval(
-            self.greedy, self._prompt_batch, self.rewards, accuracy, examples, self.dist.gather_all
-        )
+        examples, real = self.dist.eval_shard(self.task.eval_examples[: self.cfg.trainer.eval_size])
+        args = (self.greedy, self._prompt_batch, self.rewards, self.cfg.reward.accuracy, examples)
+        with self.dist.inference():  # fsdp: shares padded to one length (padding ignored), ranks in step
+            out = greedy_eval(*args, self.dist.gather_all, real=real)
         self.last_accuracy = out["eval/accuracy"]
         return out
 
@@ -374,12 +374,13 @@ class GRPORecipe:
             config_yaml=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
             keep_last=self.cfg.trainer.keep_last,
             extra=None if self.critic is None else {"critic": self.critic.state_dict()},
+            **self.dist.full_state(self.model, self.optimizer),  # fsdp: whole states, gathered by every rank
         )
 
     def save_final_model(self) -> Path:
         """The trained policy in Hugging Face format: ``from_pretrained(run_dir / 'final_model')``."""
-        path = self.run_dir / "final_model"
-        self.dist.on_main(lora.save_pretrained, self.model, path)  # LoRA: merged, + final_model_adapter/
+        path, full = self.run_dir / "final_model", self.dist.full_state(self.model)  # fsdp: a collective
+        self.dist.on_main(lora.save_pretrained, self.model, path, **full)  # LoRA: + final_model_adapter/
         self.dist.on_main(self.tokenizer.save_pretrained, path)
         return path
 

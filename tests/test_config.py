@@ -75,6 +75,8 @@ def test_typos_and_wrong_types_fail_at_composition(overrides, needle):
     [
         (["trainer.steps=0"], "trainer.steps"),
         (["trainer.max_minutes=0"], "trainer.max_minutes"),
+        (["model.autocast=int8"], "model.autocast"),
+        (["model.autocast=bfloat16", "model.dtype=bfloat16"], "model.autocast"),
         (["trainer.prompts_per_step=-1"], "trainer.prompts_per_step"),
         (["generate.temperature=0"], "generate.temperature"),
         (["generate.top_p=1.5"], "generate.top_p"),

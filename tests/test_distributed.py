@@ -20,11 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tensordict import TensorDict, set_list_to_stack
 from transformers import AutoModelForCausalLM
 
 from pipeline import checkpoint
-from pipeline.config import validate
+from pipeline.config import instantiate_node, validate
 from pipeline.distributed import Distributed
+from pipeline.evaluation import greedy_eval
+from pipeline.rewards import RewardSet
 from tests.helpers import ROOT, SMALL_RUN, comparable, compose_train, read_metrics, run_recipe
 
 DDP = ["trainer.strategy=ddp"]
@@ -40,7 +44,10 @@ _PROBE = textwrap.dedent(
     save = GRPORecipe.save_checkpoint
 
     def save_checkpoint(self):
-        params = {{n: p.detach().clone() for n, p in self.model.named_parameters()}}
+        from torch.distributed.tensor import DTensor  # fsdp: whole parameters from the shards
+
+        params = {{n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                  for n, p in self.model.named_parameters()}}
         torch.save(params, f"{{out}}/rank{{rank}}_step{{self.step}}.pt")
         return save(self)
 
@@ -257,12 +264,98 @@ def test_one_process_checkpoint_resumes_on_two_ranks(saved_tiny, tmp_path):
                     assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (d["step"], key)
 
 
+FSDP = ["trainer.strategy=fsdp", "trainer.dist_rollout=replicate"]
+
+
+def test_fsdp_two_ranks_reproduce_the_single_process_run(saved_tiny, tmp_path):
+    """FSDP2 over 2 ranks: sharded weights, gradients summed by the reduce-scatter, the KL reference
+    sharded too. Replicated rollout: the single-process run to 1e-5, metrics included. 3 eval examples:
+    rank 0 holds 1 and pads it to 2, so both ranks make the same (collective) generate calls."""
+    args = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "trainer.micro_batch_size=1", *QUIET]
+    args += ["trainer.eval_every=1", "trainer.eval_size=3"]
+    single_dir, run_dir, probe = tmp_path / "single", tmp_path / "fsdp", tmp_path / "probe"
+    run_recipe(args, single_dir)
+    out = _finish(_torchrun([*args, *FSDP, f"hydra.run.dir={run_dir}"], probe, tmp_path))
+    assert "fsdp over 2 ranks (gloo" in out
+
+    for step in (1, 2):
+        rank0, rank1 = _params(probe / f"rank0_step{step}.pt"), _params(probe / f"rank1_step{step}.pt")
+        assert _max_diff(rank0, rank1) == 0.0  # the same whole parameters seen from both ranks
+        single = _params(single_dir / "checkpoints" / f"step_{step:06d}" / "model")
+        assert _max_diff(rank0, single) < 1e-5
+        assert _max_diff(_params(run_dir / "checkpoints" / f"step_{step:06d}" / "model"), single) < 1e-5
+    assert _max_diff(_params(run_dir / "final_model"), _params(single_dir / "final_model")) < 1e-5
+    # the files one process writes: HF class name, no tied duplicate (lm_head.weight) in the weights
+    final, single_final = run_dir / "final_model", single_dir / "final_model"
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    assert (
+        load_file(final / "model.safetensors").keys() == load_file(single_final / "model.safetensors").keys()
+    )
+    rows, single_rows = comparable(read_metrics(run_dir)), comparable(read_metrics(single_dir))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for d, s in zip(rows, single_rows):
+        assert d.keys() == s.keys()
+        for key, value in s.items():
+            assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (d["step"], key)
+    assert abs(rows[1]["loss/total"]) > 0 and rows[2]["kl/ref_max"] > 0  # real updates, KL to the reference
+
+
+def test_fsdp_checkpoint_resumes_on_one_process_and_on_fsdp(saved_tiny, tmp_path):
+    """An fsdp checkpoint holds whole states in the one-process format: resumed by one process, or by
+    2 fsdp ranks (each keeps its shards of the AdamW state), it ends where the uninterrupted run ends."""
+    args = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "trainer.micro_batch_size=1", *QUIET]
+    args += ["trainer.steps=4", "trainer.save_every=2"]
+    ref_dir = tmp_path / "ref"
+    _finish(_torchrun([*args, *FSDP, f"hydra.run.dir={ref_dir}"], tmp_path / "probe-ref", tmp_path))
+    saved, ref = ref_dir / "checkpoints" / "step_000002", _params(ref_dir / "final_model")
+    optim = torch.load(saved / "optimizer.pt", weights_only=True)
+    shapes = [p.shape for p in ref.values()]  # whole AdamW moments, in the optimizer's parameter order
+    assert [optim["state"][i]["exp_avg"].shape for i in range(len(shapes))] == shapes
+
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    for run_dir in (one_dir, two_dir):
+        shutil.copytree(saved, run_dir / "checkpoints" / saved.name)
+    run_recipe([*args, "trainer.resume=auto"], one_dir)  # strategy=single
+    resumed = [*args, *FSDP, "trainer.resume=auto", f"hydra.run.dir={two_dir}"]
+    assert "at step 2" in _finish(_torchrun(resumed, tmp_path / "probe-two", tmp_path))
+    ref_rows = comparable(read_metrics(ref_dir))
+    for run_dir in (one_dir, two_dir):
+        assert _max_diff(_params(run_dir / "final_model"), ref) < 1e-5
+        rows = comparable(read_metrics(run_dir))
+        assert [r["step"] for r in rows] == [3, 4, 4]  # steps 3, 4 and the final eval
+        for d, s in zip(rows, ref_rows[2:]):
+            for key, value in s.items():
+                assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (d["step"], key)
+
+
+def test_padded_eval_share_scores_only_its_real_examples():
+    """Under fsdp a rank's eval share is padded (every rank makes the same generate calls): the padding
+    is generated but neither scored nor counted in the lengths."""
+    cfg = validate(compose_train([]))
+    rewards = RewardSet.from_config(cfg.reward)
+    first, second = instantiate_node(cfg.task, "task").eval_examples[:2]
+
+    def greedy(chunk):  # right on `first` only; responses as long as their prompt
+        texts = [e.answer if e is first else "x" for e in chunk]
+        width = max(len(e.prompt) for e in chunk)
+        mask = torch.tensor([[i < len(e.prompt) for i in range(width)] for e in chunk])
+        with set_list_to_stack(True):
+            return TensorDict(text_response=texts, tokens_response_mask=mask, batch_size=[len(chunk)])
+
+    def run(examples, real=None):
+        return greedy_eval(greedy, lambda chunk: chunk, rewards, cfg.reward.accuracy, examples, real=real)
+
+    assert run([first])["eval/accuracy"] == 1.0 and run([second])["eval/accuracy"] == 0.0
+    assert run([second, first, first], real=1) == run([second])  # the two copies of `first` ignored
+
+
 def test_strategy_checks(monkeypatch):
-    with pytest.raises(ValueError, match=r"trainer\.strategy.*fsdp is not built yet"):
-        validate(compose_train(["trainer.strategy=fsdp"]))
-    cfg = validate(compose_train(["trainer.strategy=ddp"]))
-    with pytest.raises(ValueError, match="torchrun"):
-        Distributed(cfg)
+    with pytest.raises(ValueError, match=r"model\.lora\.enabled=true .* trainer\.strategy=fsdp"):
+        validate(compose_train(["trainer.strategy=fsdp", "model.lora.enabled=true"]))
+    for strategy in ("ddp", "fsdp"):
+        cfg = validate(compose_train([f"trainer.strategy={strategy}"]))
+        with pytest.raises(ValueError, match=rf"trainer\.strategy={strategy} needs the torchrun"):
+            Distributed(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"trainer\.strategy=single"):
         Distributed(validate(compose_train([])))

@@ -38,6 +38,22 @@ def test_in_process_two_steps(saved_tiny, tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000001", "step_000002"]
 
 
+def test_bf16_autocast_run_keeps_float32_weights_and_scores_in_low_precision(saved_tiny, tmp_path):
+    over = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "model.autocast=bfloat16"]
+    recipe, _ = run_recipe(over, tmp_path)
+    assert all(p.dtype == torch.float32 for p in recipe.model.parameters())  # float32 master weights
+    rows = read_metrics(tmp_path)
+    assert rows[1]["logprobs/gen_train_absdiff_max"] < 0.1  # sampler and trainer both under autocast
+    rollout = recipe.collect(recipe.task.sample(2))
+    keys = ("tokens", "attention_mask", "tokens_response", "tokens_response_mask")
+    with torch.no_grad():
+        low = recipe.scorer(rollout.select(*keys))["log_probs"]
+        recipe.scorer.autocast_dtype = None
+        full = recipe.scorer(rollout.select(*keys))["log_probs"]
+    mask = rollout["tokens_response_mask"]
+    assert low.dtype == torch.float32 and 1e-6 < (low - full)[mask].abs().max() < 0.1  # bf16 arithmetic
+
+
 def test_max_minutes_stops_after_the_step_that_reaches_it_saves_and_evaluates(saved_tiny, tmp_path):
     over = [*SMALL_RUN, f"model.name_or_path={saved_tiny}", "logger=none", "trainer.steps=50"]
     over += ["trainer.eval_every=20", "trainer.max_minutes=1e-6"]  # reached by the first step
