@@ -97,7 +97,7 @@ def locate(source: str, key: str = "model.name_or_path") -> GGUFSource:
         found = sorted(str(p.relative_to(f)) for f in folders for p in f.rglob("*.gguf"))
         raise ModelLoadError(f"{where}: package {package!r} has no file {inner!r}; its GGUF files: {found}.")
     version = _package_version(package)
-    return GGUFSource(source, folder / inner, f"{package}-{version}/{Path(inner).stem}")
+    return GGUFSource(source, (folder / inner).resolve(), f"{package}-{version}/{Path(inner).stem}")
 
 
 def _package_version(package: str) -> str:
