@@ -3,7 +3,8 @@
 Each torchrun run goes through a probe that starts ``train.py`` as torchrun would and, every time
 a checkpoint is taken (every step here), stores each rank's parameters, so the test sees all ranks.
 With ``PROBE_KILL=<rank>:<step>`` that rank SIGKILLs itself as it starts collecting that step: a crash
-at a known point, so the test does not race a fast machine.
+at a known point, so the test does not race a fast machine; ``PROBE_STEP_DELAY`` (seconds) slows every
+step, so a signal sent after step 1 arrives before the run ends.
 """
 
 from __future__ import annotations
@@ -63,21 +64,31 @@ _PROBE = textwrap.dedent(
             return collect(self, examples)
 
         GRPORecipe.collect = collect_or_die
+    delay = float(os.environ.get("PROBE_STEP_DELAY", "0"))
+    if delay:
+        slow_collect = GRPORecipe.collect
+
+        def collect_slowly(self, examples):
+            time.sleep(delay)  # a slow step: a signal sent after step 1 lands well before the last step
+            return slow_collect(self, examples)
+
+        GRPORecipe.collect = collect_slowly
     sys.argv[0] = {train!r}
     runpy.run_path({train!r}, run_name="__main__")
     """
 )
 
 
-def _env(probe: Path, kill: str | None = None) -> dict:
+def _env(probe: Path, kill: str | None = None, delay: float = 0.0) -> dict:
     offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env = {**os.environ, **offline, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
     env.pop("PROBE_KILL", None)
+    env["PROBE_STEP_DELAY"] = str(delay)
     return {**env, "PROBE_KILL": kill} if kill else env
 
 
 def _torchrun(
-    args: list[str], probe: Path, cwd: Path, nproc: int = 2, kill: str | None = None
+    args: list[str], probe: Path, cwd: Path, nproc: int = 2, kill: str | None = None, delay: float = 0.0
 ) -> subprocess.Popen:
     probe.mkdir(parents=True, exist_ok=True)
     script = probe / "probe.py"
@@ -85,7 +96,12 @@ def _torchrun(
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, str(script), *args]
     return subprocess.Popen(
-        cmd, cwd=cwd, env=_env(probe, kill), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=cwd,
+        env=_env(probe, kill, delay),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -207,7 +223,10 @@ def test_sigterm_saves_once_from_rank0_and_one_process_resumes_it(saved_tiny, tm
 
     run_dir, probe = tmp_path / "stopped", tmp_path / "probe"
     proc = _torchrun(
-        [*args, *DDP, "trainer.dist_rollout=replicate", f"hydra.run.dir={run_dir}"], probe, tmp_path
+        [*args, *DDP, "trainer.dist_rollout=replicate", f"hydra.run.dir={run_dir}"],
+        probe,
+        tmp_path,
+        delay=1.0,
     )
     _wait_for_step(proc, run_dir / "metrics.jsonl", 1)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
