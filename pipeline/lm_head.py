@@ -20,17 +20,15 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from pipeline import logprobs  # module import: pipeline.logprobs imports this module too
+
 # Rows of logits rebuilt at once: about 2**24 elements (64 MB in float32) whatever the vocabulary.
 _CHUNK_ELEMENTS = 2**24
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    x = torch.nn.functional.linear(h, weight, bias).to(_compute_dtype(weight.dtype))
+    x = torch.nn.functional.linear(h, weight, bias).to(logprobs.compute_dtype(weight.dtype))
     return x / temperature if temperature != 1.0 else x
 
 
@@ -43,7 +41,7 @@ class _LinearLogProbs(torch.autograd.Function):
             x = _chunk_logits(hidden[start : start + rows], weight, bias, temperature)
             lse.append(x.logsumexp(-1))
             out.append(x.gather(-1, tokens[start : start + rows, None]).squeeze(-1) - lse[-1])
-        lse_all = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=_compute_dtype(weight.dtype))
+        lse_all = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=logprobs.compute_dtype(weight.dtype))
         ctx.save_for_backward(hidden, weight, bias, tokens, lse_all)
         ctx.temperature, ctx.rows = temperature, rows
         device = hidden.device.type
@@ -58,11 +56,13 @@ class _LinearLogProbs(torch.autograd.Function):
         t, rows = ctx.temperature, ctx.rows
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = (
-            torch.zeros_like(weight, dtype=_compute_dtype(weight.dtype)) if ctx.needs_input_grad[1] else None
+            torch.zeros_like(weight, dtype=logprobs.compute_dtype(weight.dtype))
+            if ctx.needs_input_grad[1]
+            else None
         )
         grad_b = None
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.zeros_like(bias, dtype=_compute_dtype(bias.dtype))
+            grad_b = torch.zeros_like(bias, dtype=logprobs.compute_dtype(bias.dtype))
         with torch.autocast(*ctx.autocast) if ctx.autocast else nullcontext():  # the forward's logits
             _backward_chunks(hidden, weight, bias, tokens, lse, grad_out, t, rows, grad_h, grad_w, grad_b)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None

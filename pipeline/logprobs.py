@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.lm_head import head_of
+from pipeline import lm_head  # module import: pipeline.lm_head imports this module too
 
 # Rows of the flattened [N, V] logits processed at once: bounds the temporaries of the
 # log-softmax to about 2**25 elements whatever the batch and vocabulary.
@@ -131,7 +131,7 @@ def sequence_log_probs(
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     inputs = dict(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask))
-    head = None if return_logits else head_of(model)
+    head = None if return_logits else lm_head.head_of(model)
     if head is not None:  # the LM head in chunks at real response positions only (pipeline.lm_head)
         hidden = head.hidden(**inputs, **kwargs)[:, -keep:-1]
         lp = head.log_probs(hidden[resp_mask], resp_ids[resp_mask], temperature)
