@@ -122,4 +122,5 @@ def build_policy(
         kwargs["generate_kwargs"] = {**kwargs["generate_kwargs"], "synced_gpus": True}
     if cfg.model.autocast:
         kwargs["autocast_dtype"] = getattr(torch, cfg.model.autocast)
+    kwargs["share_prompt_cache"] = cfg.model.share_prompt_cache
     return TransformersWrapper(model, tokenizer=tokenizer, **{**kwargs, **overrides})

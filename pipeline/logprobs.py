@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline import lm_head  # module import: pipeline.lm_head imports this module too
+from pipeline import lm_head, prefix  # module imports: both import this module too
 
 # Rows of the flattened [N, V] logits processed at once: bounds the temporaries of the
 # log-softmax to about 2**25 elements whatever the batch and vocabulary.
@@ -105,12 +105,14 @@ def sequence_log_probs(
     pad_token_id: int,
     temperature: float = 1.0,
     return_logits: bool = False,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Score ``responses`` given ``prompts`` with one forward pass of ``model``.
 
     Layout: prompts left-padded, responses right-padded behind them, ``position_ids`` from the
     mask. Only the logits that predict response tokens are computed (``logits_to_keep`` where the
-    model supports it). Returns right-padded log-probs ``[B, R]``, the response mask ``[B, R]``,
+    model supports it). ``share_prompts``: rows with the same prompt run it once
+    (:mod:`pipeline.prefix`). Returns right-padded log-probs ``[B, R]``, the response mask ``[B, R]``,
     and the matching raw logits ``[B, R, V]`` when ``return_logits``.
     """
     device = prompts[0].device
@@ -132,11 +134,17 @@ def sequence_log_probs(
         kwargs["logits_to_keep"] = keep
     inputs = dict(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask))
     head = None if return_logits else lm_head.head_of(model)
+    call = head.hidden if head is not None else lambda **kw: model(**kw).logits
+    out = None
+    if share_prompts:
+        out = prefix.shared_forward(model, prompts, resp_ids, resp_mask, pad_token_id=pad_token_id, call=call)
+    if out is None:
+        out = call(**inputs, **kwargs)
     if head is not None:  # the LM head in chunks at real response positions only (pipeline.lm_head)
-        hidden = head.hidden(**inputs, **kwargs)[:, -keep:-1]
+        hidden = out[:, -keep:-1]
         lp = head.log_probs(hidden[resp_mask], resp_ids[resp_mask], temperature)
         return hidden.new_zeros(resp_ids.shape, dtype=lp.dtype).masked_scatter(resp_mask, lp), resp_mask, None
-    logits = model(**inputs, **kwargs).logits[:, -keep:-1]
+    logits = out[:, -keep:-1]
     log_probs = token_log_probs(logits, resp_ids, temperature)
     return log_probs, resp_mask, logits if return_logits else None
 

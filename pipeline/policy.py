@@ -19,7 +19,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, lazy_s
 from tensordict.nn import TensorDictModuleBase
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from pipeline import lm_head
+from pipeline import lm_head, prefix
 from pipeline.logprobs import StepLogProbs, pad_left, response_lengths, sequence_log_probs
 from pipeline.policy_args import (
     as_tensor_list,
@@ -43,6 +43,7 @@ from pipeline.policy_layout import (
     place_dense,
     reshaped,
     unwrap_container,
+    wrapper_keys,
 )
 
 
@@ -84,6 +85,8 @@ class TransformersWrapper(TensorDictModuleBase):
             and ``"log_probs"`` are the same either way.
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` runs generation and scoring under
             ``torch.autocast`` (mixed precision over float32 weights); log-probs stay float32.
+        share_prompt_cache: rows with the same prompt (the ``num_samples`` of a prompt) run it through the
+            model once and share its key/value cache, in generation and scoring (:mod:`pipeline.prefix`).
 
     Input containers: a ``TensorDict`` or a tensorclass (the wrapper runs on the tensordict
     underneath and returns the same class; the class must declare every key written), of any batch
@@ -135,6 +138,7 @@ class TransformersWrapper(TensorDictModuleBase):
         return_logits: bool = False,
         skip_special_tokens: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        share_prompt_cache: bool = True,
     ) -> None:
         super().__init__()
         self.num_samples = check_wrapper_args(
@@ -158,6 +162,7 @@ class TransformersWrapper(TensorDictModuleBase):
                 f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}."
             )
         self.autocast_dtype = autocast_dtype
+        self.share_prompt_cache = share_prompt_cache
         if not generate:
             lm_head.prepare(model)  # score mode: the LM head in chunks where the model allows it
         self.log_probs_temperature = float(log_probs_temperature)
@@ -170,23 +175,7 @@ class TransformersWrapper(TensorDictModuleBase):
             generate=generate, log_probs=self.return_log_probs, return_logits=return_logits,
         )  # fmt: skip
 
-        if from_text:
-            self.in_keys = [self.text_key] if generate else [self.text_key, self.text_response_key]
-        else:
-            self.in_keys = [self.token_key, self.attention_mask_key]
-            if not generate:
-                self.in_keys.append(self.token_response_key)
-        if generate:
-            out = [self.token_key, self.attention_mask_key, self.token_response_key]
-            if from_text:
-                out += [self.text_key, self.text_response_key]
-        else:
-            out = [self.token_key, self.attention_mask_key, self.token_response_key] if from_text else []
-        if self.return_log_probs:
-            out.append(self.log_prob_key)
-        if return_logits:
-            out.append(self.logits_key)
-        self.out_keys = out
+        self.in_keys, self.out_keys = wrapper_keys(self, from_text=from_text, generate=generate)
         self.mask_keys = {self.token_response_key: self.token_response_mask_key,
                           self.log_prob_key: self.log_prob_mask_key, self.logits_key: self.logits_mask_key}  # fmt: skip
 
@@ -326,6 +315,11 @@ class TransformersWrapper(TensorDictModuleBase):
 
     # ------------------------------------------------------------------ generate
     def _generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig, group: int) -> dict[str, list]:
+        extras = dict(self.generate_extras)
+        if self.share_prompt_cache and cfg.cache_implementation is None:
+            with torch.no_grad():  # each prompt once, its cache repeated for its group
+                cache = prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id)
+            extras.update({"cache": cache} if cache is not None else {})
         if group > 1:
             prompts = [p for p in prompts for _ in range(group)]
         input_ids, mask = pad_left(prompts, self.pad_token_id)
@@ -337,7 +331,7 @@ class TransformersWrapper(TensorDictModuleBase):
                     input_ids=input_ids,
                     attention_mask=mask.long(),
                     generation_config=cfg,
-                    **self.generate_extras,
+                    **extras,
                 )
         finally:
             if handle is not None:
@@ -388,6 +382,7 @@ class TransformersWrapper(TensorDictModuleBase):
         log_probs, resp_mask, logits = sequence_log_probs(
             self.model, prompts, responses, pad_token_id=self.pad_token_id,
             temperature=self.log_probs_temperature, return_logits=self.return_logits,
+            share_prompts=self.share_prompt_cache,
         )  # fmt: skip
         lengths = resp_mask.sum(-1).tolist()
         outputs[self.log_prob_key] = [log_probs[i, :n] for i, n in enumerate(lengths)]

@@ -138,3 +138,18 @@ def reshaped(td: TensorDictBase, shape: tuple[int, ...]) -> TensorDictBase:
     if shape == ():
         return td[0]
     return td.reshape(shape)
+
+
+def wrapper_keys(policy: Any, *, from_text: bool, generate: bool) -> tuple[list[str], list[str]]:
+    """The ``in_keys`` and ``out_keys`` of a ``TransformersWrapper`` (its key names are class attributes)."""
+    p = policy
+    if from_text:
+        in_keys = [p.text_key] if generate else [p.text_key, p.text_response_key]
+    else:
+        in_keys = [p.token_key, p.attention_mask_key] + ([] if generate else [p.token_response_key])
+    out = [p.token_key, p.attention_mask_key, p.token_response_key] if generate or from_text else []
+    if generate and from_text:
+        out += [p.text_key, p.text_response_key]
+    out += [p.log_prob_key] if p.return_log_probs else []
+    out += [p.logits_key] if p.return_logits else []
+    return in_keys, out

@@ -1,0 +1,139 @@
+"""Shared prompt prefixes: the G samples of a prompt run its tokens through the model once, not G times.
+
+GRPO scores and trains G responses per prompt, and every one of them starts with the same prompt. The
+model's work on a prompt (its key/value cache) is the same for all G rows, so it is computed once per
+distinct prompt and copied to the rows that share it; the rows then run only their own tokens on top.
+Gradients flow through the copies back into the one prompt pass, so training sees exactly the gradient
+of the unshared forward (up to float rounding: other matrix shapes, another summation order).
+
+- Scoring (:func:`shared_forward`): the sequence ``prompt + response`` is split before the prompt's
+  last token. The prompt minus that token runs through the model's decoder once per distinct prompt
+  (no LM head: nothing there is scored); the last prompt token and the response run per row, over the
+  copied cache, through the whole model: one call whose outputs are the ``R + 1`` positions the
+  unshared pass keeps with ``logits_to_keep = R + 1`` (hooks on the LM head see one call, as before).
+- Generation (:func:`prefill`): the distinct prompts minus their last token fill a cache once, repeated
+  G times per prompt; ``generate`` then starts from that cache and runs only the last prompt token.
+
+Taken where it pays and is safe: at least one prompt repeats, prompts are at least 2 tokens wide, and
+the model is a Hugging Face decoder that takes a ``DynamicCache``, not sharded by FSDP (its root
+parameters are gathered only inside its own forward) and without gradient checkpointing (which turns
+the cache off in training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from transformers import DynamicCache
+
+from pipeline import logprobs  # module import: pipeline.logprobs imports this module too
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under DDP (``module``) and peft (``get_base_model``) wrappers."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack that fills the cache (no LM head), or None when the model cannot share prefixes."""
+    hf = _unwrapped(model)
+    if isinstance(model, FSDPModule) or isinstance(hf, FSDPModule):
+        return None
+    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers >= 5.x
+    if checkpointing is None:
+        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+    if checkpointing or getattr(hf.config, "is_encoder_decoder", False):
+        return None
+    supports = getattr(hf, "_supports_default_dynamic_cache", None)
+    if not callable(supports) or not supports():
+        return None
+    base = getattr(hf, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not hf else None
+
+
+def groups(prompts: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """The first row of each distinct prompt and, per row, the index of its distinct prompt."""
+    seen: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    inverse = []
+    for i, p in enumerate(prompts):
+        key = tuple(p.tolist())
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    return first, torch.tensor(inverse, dtype=torch.long, device=prompts[0].device)
+
+
+def _fill(
+    decoder: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> DynamicCache:
+    """The cache of ``ids`` (left-padded, boolean ``mask``) from one pass of the decoder."""
+    cache = DynamicCache(config=_unwrapped(model).config)
+    decoder(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=logprobs.position_ids_from_mask(mask),
+        cache=cache,
+        use_cache=True,
+    )
+    return cache
+
+
+def shared_forward(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    resp_ids: torch.Tensor,
+    resp_mask: torch.Tensor,
+    *,
+    pad_token_id: int,
+    call: Any,
+) -> torch.Tensor | None:
+    """``call(**inputs)`` (the model, or its hidden-state variant) over the last prompt token and the
+    responses, on top of the shared cache of the prompts; its output is ``[B, R + 1, ...]``, the positions
+    that predict each response token (and one past it). None when no prompt repeats or the model cannot
+    share (the caller runs the plain pass)."""
+    decoder = decoder_of(model)
+    if decoder is None:
+        return None
+    first, inverse = groups(prompts)
+    if len(first) == len(prompts):
+        return None
+    prompt_ids, prompt_mask = logprobs.pad_left(prompts, pad_token_id)
+    if prompt_ids.shape[1] < 2:
+        return None
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    positions = logprobs.position_ids_from_mask(mask)
+    rows = torch.tensor(first, device=inverse.device)
+    cache = _fill(decoder, model, prompt_ids[rows, :-1], prompt_mask[rows, :-1])
+    cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
+    split = prompt_ids.shape[1] - 1
+    return call(
+        input_ids=torch.cat([prompt_ids[:, split:], resp_ids], 1),
+        attention_mask=mask.long(),
+        position_ids=positions[:, split:],
+        cache=cache,
+        use_cache=True,
+    )
+
+
+def prefill(
+    model: torch.nn.Module, prompts: Sequence[torch.Tensor], group: int, *, pad_token_id: int
+) -> DynamicCache | None:
+    """The cache of each prompt minus its last token, computed once and repeated ``group`` times, for
+    ``generate`` over the prompts repeated ``group`` times each (left-padded alike). None when there is
+    nothing to share (``group == 1``, prompts 1 token wide) or the model cannot share."""
+    decoder = decoder_of(model) if group > 1 else None
+    if decoder is None:
+        return None
+    ids, mask = logprobs.pad_left(prompts, pad_token_id)
+    if ids.shape[1] < 2:
+        return None
+    cache = _fill(decoder, model, ids[:, :-1], mask[:, :-1])
+    cache.batch_repeat_interleave(group)
+    return cache
