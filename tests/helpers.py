@@ -57,15 +57,22 @@ def run_recipe(cfg_or_overrides: Any, run_dir: Path) -> tuple[Any, float]:
         recipe.cleanup()
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's process: offline hub and wandb, and no ``WANDB_SERVICE``. An in-process
+    run of an earlier test leaves a wandb service and its address in ``os.environ``; a child that inherits
+    it hands its run to that service, which may not have written the run file when the child exits."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
 def run_script(
     script: str, args: list[str], cwd: Path = ROOT, timeout: int = 240
 ) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` (``train.py``, ``evaluate.py``) as a user runs it (offline hub, offline wandb)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,7 +10,6 @@ step, so a signal sent after step 1 arrives before the run ends.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from pipeline.config import instantiate_node, validate
 from pipeline.distributed import Distributed
 from pipeline.evaluation import greedy_eval
 from pipeline.rewards import RewardSet
-from tests.helpers import ROOT, SMALL_RUN, comparable, compose_train, read_metrics, run_recipe
+from tests.helpers import ROOT, SMALL_RUN, comparable, compose_train, read_metrics, run_recipe, subprocess_env
 
 DDP = ["trainer.strategy=ddp"]
 
@@ -80,8 +79,7 @@ _PROBE = textwrap.dedent(
 
 
 def _env(probe: Path, kill: str | None = None, delay: float = 0.0) -> dict:
-    offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env = {**os.environ, **offline, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(PROBE_DIR=str(probe), OMP_NUM_THREADS="1")
     env.pop("PROBE_KILL", None)
     env["PROBE_STEP_DELAY"] = str(delay)
     return {**env, "PROBE_KILL": kill} if kill else env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,14 +17,14 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import checkpoint
 from pipeline.runtime import TrainingError
-from tests.helpers import ROOT, SMALL_RUN, comparable, read_metrics, run_recipe, run_train
+from tests.helpers import ROOT, SMALL_RUN, comparable, read_metrics, run_recipe, run_train, subprocess_env
 from tests.wandb_reader import read_run
 
 RUN = [*SMALL_RUN, "trainer.steps=6", "trainer.save_every=2", "trainer.eval_every=3", "trainer.keep_last=5"]
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess_env()
 
 
 def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 180) -> None:
