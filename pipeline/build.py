@@ -107,6 +107,7 @@ def build_policy(
             "generate_kwargs": gen.generation_kwargs(),
             "log_probs_temperature": gen.temperature,
             "skip_special_tokens": True,
+            "sampler": gen.sampler,
             **chat_args,
         }
     elif mode == "greedy":

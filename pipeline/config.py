@@ -106,7 +106,8 @@ class ChatTemplateConfig:
 
 @dataclass
 class GenerateConfig:
-    """Fields map 1:1 to ``transformers.GenerationConfig``; ``num_samples`` is the group size G."""
+    """Fields map 1:1 to ``transformers.GenerationConfig``; ``num_samples`` is the group size G, ``sampler``
+    how sampled tokens are drawn (:mod:`pipeline.sampling`)."""
 
     num_samples: int = 8
     max_new_tokens: int = 8
@@ -118,6 +119,7 @@ class GenerateConfig:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "race"  # race | multinomial: how sampled tokens are drawn (pipeline.sampling)
 
     def __post_init__(self) -> None:
         from transformers import GenerationConfig
@@ -125,6 +127,9 @@ class GenerateConfig:
         from pipeline.policy_args import updated_generation_config
 
         _require(self.num_samples >= 1, "generate.num_samples", "an int >= 1", self.num_samples)
+        _require(
+            self.sampler in ("race", "multinomial"), "generate.sampler", "race or multinomial", self.sampler
+        )
         # the wrapper's own checks, so a bad value fails here, at composition, with the same rule
         named = {k: v for k, v in self.generation_kwargs().items() if k not in self.extra}
         updated_generation_config(GenerationConfig(), dict(self.extra), "generate.extra", log_probs=True)

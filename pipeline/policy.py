@@ -19,7 +19,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, lazy_s
 from tensordict.nn import TensorDictModuleBase
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from pipeline import lm_head, prefix
+from pipeline import lm_head, prefix, sampling
 from pipeline.logprobs import StepLogProbs, pad_left, response_lengths, sequence_log_probs
 from pipeline.policy_args import (
     as_tensor_list,
@@ -87,6 +87,8 @@ class TransformersWrapper(TensorDictModuleBase):
             ``torch.autocast`` (mixed precision over float32 weights); log-probs stay float32.
         share_prompt_cache: rows with the same prompt (the ``num_samples`` of a prompt) run it through the
             model once and share its key/value cache, in generation and scoring (:mod:`pipeline.prefix`).
+        sampler: ``"race"`` draws sampled tokens by the exponential race (:mod:`pipeline.sampling`: the same
+            distribution, faster than ``torch.multinomial``); ``"multinomial"``: Hugging Face's own draw.
 
     Input containers: a ``TensorDict`` or a tensorclass (the wrapper runs on the tensordict
     underneath and returns the same class; the class must declare every key written), of any batch
@@ -139,6 +141,7 @@ class TransformersWrapper(TensorDictModuleBase):
         skip_special_tokens: bool = False,
         autocast_dtype: torch.dtype | None = None,
         share_prompt_cache: bool = True,
+        sampler: Literal["race", "multinomial"] = "race",
     ) -> None:
         super().__init__()
         self.num_samples = check_wrapper_args(
@@ -163,6 +166,7 @@ class TransformersWrapper(TensorDictModuleBase):
             )
         self.autocast_dtype = autocast_dtype
         self.share_prompt_cache = share_prompt_cache
+        self.sampler = sampling.checked(sampler)
         if not generate:
             lm_head.prepare(model)  # score mode: the LM head in chunks where the model allows it
         self.log_probs_temperature = float(log_probs_temperature)
@@ -320,6 +324,8 @@ class TransformersWrapper(TensorDictModuleBase):
             with torch.no_grad():  # each prompt once, its cache repeated for its group
                 cache = prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id)
             extras.update({"cache": cache} if cache is not None else {})
+        if self.sampler == "race":
+            cfg, extras = sampling.race_generation(cfg, extras, self.model)
         if group > 1:
             prompts = [p for p in prompts for _ in range(group)]
         input_ids, mask = pad_left(prompts, self.pad_token_id)
