@@ -119,7 +119,9 @@ class GenerateConfig:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
-    sampler: str = "race"  # race | multinomial: how sampled tokens are drawn (pipeline.sampling)
+    sampler: str = (
+        "inverse_cdf"  # inverse_cdf | multinomial: how sampled tokens are drawn (pipeline.sampling)
+    )
 
     def __post_init__(self) -> None:
         from transformers import GenerationConfig
@@ -128,7 +130,10 @@ class GenerateConfig:
 
         _require(self.num_samples >= 1, "generate.num_samples", "an int >= 1", self.num_samples)
         _require(
-            self.sampler in ("race", "multinomial"), "generate.sampler", "race or multinomial", self.sampler
+            self.sampler in ("inverse_cdf", "multinomial"),
+            "generate.sampler",
+            "inverse_cdf or multinomial",
+            self.sampler,
         )
         # the wrapper's own checks, so a bad value fails here, at composition, with the same rule
         named = {k: v for k, v in self.generation_kwargs().items() if k not in self.extra}

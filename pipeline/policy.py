@@ -87,8 +87,8 @@ class TransformersWrapper(TensorDictModuleBase):
             ``torch.autocast`` (mixed precision over float32 weights); log-probs stay float32.
         share_prompt_cache: rows with the same prompt (the ``num_samples`` of a prompt) run it through the
             model once and share its key/value cache, in generation and scoring (:mod:`pipeline.prefix`).
-        sampler: ``"race"`` draws sampled tokens by the exponential race (:mod:`pipeline.sampling`: the same
-            distribution, faster than ``torch.multinomial``); ``"multinomial"``: Hugging Face's own draw.
+        sampler: ``"inverse_cdf"`` draws sampled tokens by inverse CDF (:mod:`pipeline.sampling`: the same
+            distribution as ``torch.multinomial``, faster); ``"multinomial"``: Hugging Face's own draw.
 
     Input containers: a ``TensorDict`` or a tensorclass (the wrapper runs on the tensordict
     underneath and returns the same class; the class must declare every key written), of any batch
@@ -141,7 +141,7 @@ class TransformersWrapper(TensorDictModuleBase):
         skip_special_tokens: bool = False,
         autocast_dtype: torch.dtype | None = None,
         share_prompt_cache: bool = True,
-        sampler: Literal["race", "multinomial"] = "race",
+        sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf",
     ) -> None:
         super().__init__()
         self.num_samples = check_wrapper_args(
@@ -324,8 +324,8 @@ class TransformersWrapper(TensorDictModuleBase):
             with torch.no_grad():  # each prompt once, its cache repeated for its group
                 cache = prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id)
             extras.update({"cache": cache} if cache is not None else {})
-        if self.sampler == "race":
-            cfg, extras = sampling.race_generation(cfg, extras, self.model)
+        if self.sampler == "inverse_cdf":
+            cfg, extras = sampling.fast_generation(cfg, extras, self.model)
         if group > 1:
             prompts = [p for p in prompts for _ in range(group)]
         input_ids, mask = pad_left(prompts, self.pad_token_id)

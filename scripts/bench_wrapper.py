@@ -205,7 +205,9 @@ def build(args: argparse.Namespace, methods: list[str]) -> Setup:
     if "ours" in methods:
         from pipeline import TransformersWrapper
 
+        # HF's own draw, so that all methods sample the same tokens (the default inverse-CDF draw is faster)
         wrappers["ours"] = TransformersWrapper(model, tokenizer=tokenizer, from_text=False, return_log_probs=True,
+                                               sampler="multinomial",
                                                generate_kwargs=dict(gen_kwargs, min_new_tokens=n))  # fmt: skip
     if "torchrl" in methods:
         from torchrl.modules.llm import TransformersWrapper as TorchRLWrapper
