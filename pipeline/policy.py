@@ -323,7 +323,7 @@ class TransformersWrapper(TensorDictModuleBase):
         if self.share_prompt_cache and cfg.cache_implementation is None:
             with torch.no_grad():  # each prompt once, its cache repeated for its group
                 cache = prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id)
-            extras.update({"cache": cache} if cache is not None else {})
+            extras.update({prefix.cache_kwarg(self.model): cache} if cache is not None else {})
         if self.sampler == "inverse_cdf":
             cfg, extras = sampling.fast_generation(cfg, extras, self.model)
         if group > 1:

@@ -22,6 +22,7 @@ the cache off in training).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,13 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def cache_kwarg(model: torch.nn.Module) -> str | None:
+    """The name under which the model's forward takes a cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier); None when it takes neither (a stray keyword would be ignored)."""
+    params = inspect.signature(_unwrapped(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack that fills the cache (no LM head), or None when the model cannot share prefixes."""
     hf = _unwrapped(model)
@@ -53,7 +61,9 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     if not callable(supports) or not supports():
         return None
     base = getattr(hf, "base_model", None)
-    return base if isinstance(base, torch.nn.Module) and base is not hf else None
+    if not isinstance(base, torch.nn.Module) or base is hf or cache_kwarg(hf) is None:
+        return None
+    return base if cache_kwarg(base) == cache_kwarg(hf) else None
 
 
 def groups(prompts: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
@@ -79,10 +89,20 @@ def _fill(
         input_ids=ids,
         attention_mask=mask.long(),
         position_ids=logprobs.position_ids_from_mask(mask),
-        cache=cache,
         use_cache=True,
+        **{cache_kwarg(model): cache},
     )
+    _check_length(cache, ids.shape[1])
     return cache
+
+
+def _check_length(cache: DynamicCache, expected: int) -> None:
+    if cache.get_seq_length() != expected:  # the model ignored the cache it was given
+        raise RuntimeError(
+            f"the shared prompt cache holds {cache.get_seq_length()} positions where {expected} were expected: "
+            "this model does not fill a cache it is given; set model.share_prompt_cache=false "
+            "(TransformersWrapper(share_prompt_cache=False))."
+        )
 
 
 def shared_forward(
@@ -113,13 +133,15 @@ def shared_forward(
     cache = _fill(decoder, model, prompt_ids[rows, :-1], prompt_mask[rows, :-1])
     cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
     split = prompt_ids.shape[1] - 1
-    return call(
+    out = call(
         input_ids=torch.cat([prompt_ids[:, split:], resp_ids], 1),
         attention_mask=mask.long(),
         position_ids=positions[:, split:],
-        cache=cache,
         use_cache=True,
+        **{cache_kwarg(model): cache},
     )
+    _check_length(cache, mask.shape[1])
+    return out
 
 
 def prefill(
