@@ -142,3 +142,21 @@ def test_training_with_and_without_the_shared_prompt_cache_logs_the_same_run(sav
                 assert value == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
             else:
                 assert value == b[key], key
+
+
+def test_a_model_that_ignores_the_cache_it_is_given_fails_loudly_and_names_the_option():
+    model = tiny_model(TOK, arch="gpt2").eval()
+    decoder = model.base_model
+    forward = decoder.forward
+
+    def dropping_cache(
+        input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, **kw
+    ):
+        return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+
+    decoder.forward = dropping_cache  # a decoder that takes a cache and does not fill it
+    prompts, responses = _batch(list(range(9)))
+    with pytest.raises(RuntimeError, match=r"model\.share_prompt_cache=false"):
+        sequence_log_probs(model, prompts, responses, pad_token_id=0)
+    lp, mask, _ = sequence_log_probs(model, prompts, responses, pad_token_id=0, share_prompts=False)
+    assert torch.isfinite(lp[mask]).all()
