@@ -119,22 +119,16 @@ class GenerateConfig:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
-    sampler: str = (
-        "inverse_cdf"  # inverse_cdf | multinomial: how sampled tokens are drawn (pipeline.sampling)
-    )
+    sampler: str = "inverse_cdf"  # or multinomial: how sampled tokens are drawn (pipeline.sampling)
 
     def __post_init__(self) -> None:
         from transformers import GenerationConfig
 
         from pipeline.policy_args import updated_generation_config
+        from pipeline.sampling import SAMPLERS
 
         _require(self.num_samples >= 1, "generate.num_samples", "an int >= 1", self.num_samples)
-        _require(
-            self.sampler in ("inverse_cdf", "multinomial"),
-            "generate.sampler",
-            "inverse_cdf or multinomial",
-            self.sampler,
-        )
+        _require(self.sampler in SAMPLERS, "generate.sampler", f"one of {SAMPLERS}", self.sampler)
         # the wrapper's own checks, so a bad value fails here, at composition, with the same rule
         named = {k: v for k, v in self.generation_kwargs().items() if k not in self.extra}
         updated_generation_config(GenerationConfig(), dict(self.extra), "generate.extra", log_probs=True)

@@ -137,7 +137,7 @@ def sequence_log_probs(
     call = head.hidden if head is not None else lambda **kw: model(**kw).logits
     out = None
     if share_prompts:
-        out = prefix.shared_forward(model, prompts, resp_ids, resp_mask, pad_token_id=pad_token_id, call=call)
+        out = prefix.shared_forward(model, inputs, prompt_ids.shape[1], call=call)
     if out is None:
         out = call(**inputs, **kwargs)
     if head is not None:  # the LM head in chunks at real response positions only (pipeline.lm_head)

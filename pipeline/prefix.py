@@ -66,20 +66,6 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     return base if cache_kwarg(base) == cache_kwarg(hf) else None
 
 
-def groups(prompts: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-    """The first row of each distinct prompt and, per row, the index of its distinct prompt."""
-    seen: dict[tuple[int, ...], int] = {}
-    first: list[int] = []
-    inverse = []
-    for i, p in enumerate(prompts):
-        key = tuple(p.tolist())
-        if key not in seen:
-            seen[key] = len(first)
-            first.append(i)
-        inverse.append(seen[key])
-    return first, torch.tensor(inverse, dtype=torch.long, device=prompts[0].device)
-
-
 def _fill(
     decoder: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
 ) -> DynamicCache:
@@ -106,36 +92,29 @@ def _check_length(cache: DynamicCache, expected: int) -> None:
 
 
 def shared_forward(
-    model: torch.nn.Module,
-    prompts: Sequence[torch.Tensor],
-    resp_ids: torch.Tensor,
-    resp_mask: torch.Tensor,
-    *,
-    pad_token_id: int,
-    call: Any,
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], prompt_width: int, *, call: Any
 ) -> torch.Tensor | None:
-    """``call(**inputs)`` (the model, or its hidden-state variant) over the last prompt token and the
-    responses, on top of the shared cache of the prompts; its output is ``[B, R + 1, ...]``, the positions
-    that predict each response token (and one past it). None when no prompt repeats or the model cannot
-    share (the caller runs the plain pass)."""
-    decoder = decoder_of(model)
+    """``call(**inputs)`` (the model, or its hidden-state variant) for the scoring ``inputs`` (``input_ids``,
+    ``attention_mask``, ``position_ids`` of left-padded prompts ``prompt_width`` wide followed by
+    responses), with each distinct prompt run once: the output is that of the last prompt token and the
+    responses, ``[B, R + 1, ...]``, the positions that predict each response token (and one past it).
+    None when no prompt repeats or the model cannot share (the caller runs the plain pass)."""
+    decoder = decoder_of(model) if prompt_width >= 2 else None
     if decoder is None:
         return None
-    first, inverse = groups(prompts)
-    if len(first) == len(prompts):
+    ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    split = prompt_width - 1
+    # a prompt is its padded ids and its mask (the pad id may also be a real token, e.g. BOS)
+    distinct, inverse = torch.unique(
+        torch.cat([ids[:, :split], mask[:, :split]], 1), dim=0, return_inverse=True
+    )
+    if len(distinct) == len(ids):
         return None
-    prompt_ids, prompt_mask = logprobs.pad_left(prompts, pad_token_id)
-    if prompt_ids.shape[1] < 2:
-        return None
-    mask = torch.cat([prompt_mask, resp_mask], 1)
-    positions = logprobs.position_ids_from_mask(mask)
-    rows = torch.tensor(first, device=inverse.device)
-    cache = _fill(decoder, model, prompt_ids[rows, :-1], prompt_mask[rows, :-1])
+    cache = _fill(decoder, model, distinct[:, :split], distinct[:, split:].bool())
     cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
-    split = prompt_ids.shape[1] - 1
     out = call(
-        input_ids=torch.cat([prompt_ids[:, split:], resp_ids], 1),
-        attention_mask=mask.long(),
+        input_ids=ids[:, split:],
+        attention_mask=mask,
         position_ids=positions[:, split:],
         use_cache=True,
         **{cache_kwarg(model): cache},

@@ -64,16 +64,11 @@ def _is_set(value: Any, neutral: float) -> bool:
 
 def _resolved(cfg: GenerationConfig, name: str, model_cfg: GenerationConfig | None) -> Any:
     """A sampling field as ``generate`` resolves it: the value given, else the model's, else HF's default."""
-    value = getattr(cfg, name, None)
-    if value is None and model_cfg is not None:
-        value = getattr(model_cfg, name, None)
-    if value is None:
-        defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()
-        value = defaults.get(name, _HF_DEFAULTS.get(name))
-    return value
-
-
-_HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    for source in (cfg, model_cfg):
+        value = getattr(source, name, None)
+        if value is not None:
+            return value
+    return GenerationConfig._get_default_generation_params().get(name)
 
 
 def fast_generation(

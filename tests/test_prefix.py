@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDict
 
 from pipeline import TransformersWrapper, lm_head, prefix
-from pipeline.logprobs import sequence_log_probs
+from pipeline.logprobs import pad_left, position_ids_from_mask, sequence_log_probs
 from pipeline.tiny import char_tokenizer, tiny_model
 from tests.helpers import SMALL_RUN, comparable, read_metrics, run_recipe
 
@@ -91,11 +91,10 @@ def test_nothing_to_share_or_no_cache_takes_the_plain_pass():
     model = tiny_model(TOK, arch="gpt2").eval()
     distinct = [torch.tensor(TOK(p)["input_ids"]) for p in PROMPTS]
     responses = [torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([8, 9, 10])]
-    resp, mask = (
-        torch.nn.utils.rnn.pad_sequence(responses, batch_first=True),
-        torch.zeros(3, 3, dtype=torch.bool),
-    )
-    assert prefix.shared_forward(model, distinct, resp, mask, pad_token_id=0, call=model) is None
+    ids, mask = pad_left(distinct, 0)
+    positions = position_ids_from_mask(mask)
+    inputs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
+    assert prefix.shared_forward(model, inputs, ids.shape[1], call=model) is None  # no prompt repeats
     assert prefix.prefill(model, distinct, 1, pad_token_id=0) is None  # one sample per prompt
     one_token = [torch.tensor([3])] * 2
     assert prefix.prefill(model, one_token, 4, pad_token_id=0) is None  # no prefix before the last token
@@ -160,3 +159,13 @@ def test_a_model_that_ignores_the_cache_it_is_given_fails_loudly_and_names_the_o
         sequence_log_probs(model, prompts, responses, pad_token_id=0)
     lp, mask, _ = sequence_log_probs(model, prompts, responses, pad_token_id=0, share_prompts=False)
     assert torch.isfinite(lp[mask]).all()
+
+
+def test_a_pad_id_that_is_also_a_real_token_does_not_merge_two_prompts():
+    model = tiny_model(TOK, arch="gpt2").double().eval()  # pad id 0 is also the BOS token
+    prompts = [torch.tensor([0, 5, 6, 7]), torch.tensor([5, 6, 7])] * 2  # left-padded, both read [0, 5, 6, 7]
+    responses = [torch.tensor([8, 9]), torch.tensor([10]), torch.tensor([11, 12]), torch.tensor([13, 14])]
+    lp, _, grads = _scored(model, prompts, responses, share=True)
+    lp0, _, grads0 = _scored(model, prompts, responses, share=False)
+    torch.testing.assert_close(lp, lp0, atol=1e-12, rtol=0)
+    assert _max_diff(grads, grads0) < 1e-12
