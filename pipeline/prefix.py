@@ -61,9 +61,10 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     if not callable(supports) or not supports():
         return None
     base = getattr(hf, "base_model", None)
-    if not isinstance(base, torch.nn.Module) or base is hf or cache_kwarg(hf) is None:
+    name = cache_kwarg(hf)
+    if not isinstance(base, torch.nn.Module) or base is hf or name is None:
         return None
-    return base if cache_kwarg(base) == cache_kwarg(hf) else None
+    return base if name in inspect.signature(base.forward).parameters else None
 
 
 def _fill(

@@ -148,8 +148,14 @@ def test_a_model_that_ignores_the_cache_it_is_given_fails_loudly_and_names_the_o
     decoder = model.base_model
     forward = decoder.forward
 
-    def dropping_cache(
-        input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, **kw
+    def dropping_cache(  # takes the cache under either name (transformers 5.24 / 5.19) and drops it
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        use_cache=None,
+        **kw,
     ):
         return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
 
