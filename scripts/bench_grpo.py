@@ -253,6 +253,7 @@ class StepClock:
         self.starts: list[float] = []
         self.rows, self.device, self.steps = spec["profile"], spec["device"], spec["steps"]
         self.profiler = None
+        self.profiler_stopped = False
         self.memory: PeakMemory | None = None
 
     def step_started(self) -> None:
@@ -272,8 +273,13 @@ class StepClock:
             return
         if self.memory is not None:
             self.memory.stop()
-        if self.profiler is not None and self.profiler.profiler is not None:
+        self._stop_profiler()
+
+    def _stop_profiler(self) -> None:
+        # torch.profiler forgets what it recorded when stopped twice, so stop it exactly once.
+        if self.profiler is not None and not self.profiler_stopped:
             self.profiler.stop()
+            self.profiler_stopped = True
 
     def loop_times(self) -> list[float]:
         """Start-to-start intervals from step 2 on: the whole loop, logging and data loading included."""
@@ -282,8 +288,7 @@ class StepClock:
     def profile_table(self) -> str:
         if self.profiler is None:
             return ""
-        if self.profiler.profiler is not None:
-            self.profiler.stop()
+        self._stop_profiler()
         key = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
         return self.profiler.key_averages().table(sort_by=key, row_limit=self.rows)
 
