@@ -77,3 +77,12 @@ def test_ours_vs_trl_side_by_side():
                 "loss_type='dapo'", "beta = our algo.kl_coef"):  # fmt: skip
         assert key in out, key
     assert "scaling (ours)" not in out
+
+
+def test_profile_prints_the_ops_of_the_profiled_steps():
+    """``--profile`` once printed an empty table: the profiler was stopped twice, which discards it."""
+    out = run_bench("--only", "ours", "--no-scaling", "--profile", "5")
+    table = out[out.index("profile ours (torch.profiler") :]
+    ops = re.findall(r"^\s*(aten::\w+|\S.*?#\w+\.\w+)\s+\d+\.\d+%", table, re.M)
+    assert len(ops) == 5, table
+    assert any(op in ("aten::addmm", "aten::mm", "aten::linear") for op in ops), table

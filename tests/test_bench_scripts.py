@@ -55,3 +55,27 @@ def test_benchlib_order_statistics_and_table():
     assert lib.quartiles([1.0]) == (1.0, 1.0)
     table = lib.format_table([("side", "s"), ("ours", "1.5"), ("trl", "10.25")], "<>")
     assert table == ["side      s", "ours    1.5", "trl   10.25"]
+
+
+def test_bench_decode_splits_a_generation():
+    """scripts/bench_decode.py: one forward call per new token (the shared prompt prefill is not one of
+    the model's), and the matrix products alone take less than the model calls that contain them."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    args = ["--prompts", "2", "--group", "2", "--length", "5", "--repeats", "2"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_decode.py"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "2 prompts x G=2 = 4 rows x 5 tokens, 5 forward calls per generation" in out, out
+    times = {}
+    for label in ("wrapper call", "model forward calls", "of which linear layers alone", "rest of the model call",
+                  "generate's loop", "wrapper around generate"):  # fmt: skip
+        cells = re.search(rf"{re.escape(label)}.*?\s(-?{NUMBER})\s+(-?{NUMBER})\s+(-?{NUMBER})$", out, re.M)
+        assert cells, f"{label!r} not in the table:\n{out}"
+        times[label] = float(cells[1])
+    assert 0 < times["of which linear layers alone"] < times["model forward calls"] < times["wrapper call"]
