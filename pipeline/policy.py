@@ -322,8 +322,7 @@ class TransformersWrapper(TensorDictModuleBase):
         extras = dict(self.generate_extras)
         if self.share_prompt_cache and cfg.cache_implementation is None:
             with torch.no_grad():  # each prompt once, its cache repeated for its group
-                cache = prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id)
-            extras.update({prefix.cache_kwarg(self.model): cache} if cache is not None else {})
+                extras.update(prefix.prefill(self.model, prompts, group, pad_token_id=self.pad_token_id))
         if self.sampler == "inverse_cdf":
             cfg, extras = sampling.fast_generation(cfg, extras, self.model)
         if group > 1:

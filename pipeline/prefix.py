@@ -47,8 +47,9 @@ def cache_kwarg(model: torch.nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The decoder stack that fills the cache (no LM head), or None when the model cannot share prefixes."""
+def decoder_of(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """The decoder stack that fills the cache (no LM head) and the name under which the model and the
+    decoder take a cache, or None when the model cannot share prefixes."""
     hf = _unwrapped(model)
     if isinstance(model, FSDPModule) or isinstance(hf, FSDPModule):
         return None
@@ -64,20 +65,20 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     name = cache_kwarg(hf)
     if not isinstance(base, torch.nn.Module) or base is hf or name is None:
         return None
-    return base if name in inspect.signature(base.forward).parameters else None
+    return (base, name) if name in inspect.signature(base.forward).parameters else None
 
 
 def _fill(
-    decoder: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+    decoder: torch.nn.Module, name: str, config: Any, ids: torch.Tensor, mask: torch.Tensor
 ) -> DynamicCache:
     """The cache of ``ids`` (left-padded, boolean ``mask``) from one pass of the decoder."""
-    cache = DynamicCache(config=_unwrapped(model).config)
+    cache = DynamicCache(config=config)
     decoder(
         input_ids=ids,
         attention_mask=mask.long(),
         position_ids=logprobs.position_ids_from_mask(mask),
         use_cache=True,
-        **{cache_kwarg(model): cache},
+        **{name: cache},
     )
     _check_length(cache, ids.shape[1])
     return cache
@@ -100,9 +101,10 @@ def shared_forward(
     responses), with each distinct prompt run once: the output is that of the last prompt token and the
     responses, ``[B, R + 1, ...]``, the positions that predict each response token (and one past it).
     None when no prompt repeats or the model cannot share (the caller runs the plain pass)."""
-    decoder = decoder_of(model) if prompt_width >= 2 else None
-    if decoder is None:
+    sharing = decoder_of(model) if prompt_width >= 2 else None
+    if sharing is None:
         return None
+    decoder, name = sharing
     ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     split = prompt_width - 1
     # a prompt is its padded ids and its mask (the pad id may also be a real token, e.g. BOS)
@@ -111,14 +113,14 @@ def shared_forward(
     )
     if len(distinct) == len(ids):
         return None
-    cache = _fill(decoder, model, distinct[:, :split], distinct[:, split:].bool())
+    cache = _fill(decoder, name, _unwrapped(model).config, distinct[:, :split], distinct[:, split:].bool())
     cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
     out = call(
         input_ids=ids[:, split:],
         attention_mask=mask,
         position_ids=positions[:, split:],
         use_cache=True,
-        **{cache_kwarg(model): cache},
+        **{name: cache},
     )
     _check_length(cache, mask.shape[1])
     return out
@@ -126,16 +128,18 @@ def shared_forward(
 
 def prefill(
     model: torch.nn.Module, prompts: Sequence[torch.Tensor], group: int, *, pad_token_id: int
-) -> DynamicCache | None:
-    """The cache of each prompt minus its last token, computed once and repeated ``group`` times, for
-    ``generate`` over the prompts repeated ``group`` times each (left-padded alike). None when there is
-    nothing to share (``group == 1``, prompts 1 token wide) or the model cannot share."""
-    decoder = decoder_of(model) if group > 1 else None
-    if decoder is None:
-        return None
+) -> dict[str, DynamicCache]:
+    """The ``generate`` keyword holding the cache of each prompt minus its last token, computed once and
+    repeated ``group`` times, for ``generate`` over the prompts repeated ``group`` times each
+    (left-padded alike). Empty when there is nothing to share (``group == 1``, prompts 1 token wide) or
+    the model cannot share."""
+    sharing = decoder_of(model) if group > 1 else None
+    if sharing is None:
+        return {}
     ids, mask = logprobs.pad_left(prompts, pad_token_id)
     if ids.shape[1] < 2:
-        return None
-    cache = _fill(decoder, model, ids[:, :-1], mask[:, :-1])
+        return {}
+    decoder, name = sharing
+    cache = _fill(decoder, name, _unwrapped(model).config, ids[:, :-1], mask[:, :-1])
     cache.batch_repeat_interleave(group)
-    return cache
+    return {name: cache}

@@ -95,9 +95,9 @@ def test_nothing_to_share_or_no_cache_takes_the_plain_pass():
     positions = position_ids_from_mask(mask)
     inputs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
     assert prefix.shared_forward(model, inputs, ids.shape[1], call=model) is None  # no prompt repeats
-    assert prefix.prefill(model, distinct, 1, pad_token_id=0) is None  # one sample per prompt
+    assert prefix.prefill(model, distinct, 1, pad_token_id=0) == {}  # one sample per prompt
     one_token = [torch.tensor([3])] * 2
-    assert prefix.prefill(model, one_token, 4, pad_token_id=0) is None  # no prefix before the last token
+    assert prefix.prefill(model, one_token, 4, pad_token_id=0) == {}  # no prefix before the last token
     model.gradient_checkpointing_enable()
     assert prefix.decoder_of(model) is None  # checkpointed layers drop the cache in training
     lp, mask, _ = sequence_log_probs(model, distinct * 2, responses * 2, pad_token_id=0)
