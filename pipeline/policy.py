@@ -47,6 +47,13 @@ from pipeline.policy_layout import (
 )
 
 
+def _ids_or_rows(value: Any, key: str) -> torch.Tensor | list[torch.Tensor]:
+    """A dense ``[B, T]`` batch as is (checked rows are cut from it at once), anything else as rows."""
+    if isinstance(value, torch.Tensor) and value.ndim == 2:
+        return value
+    return as_tensor_list(value, key)
+
+
 class TransformersWrapper(TensorDictModuleBase):
     """Wraps a Hugging Face causal LM for generation and log-prob scoring on TensorDicts.
 
@@ -309,12 +316,12 @@ class TransformersWrapper(TensorDictModuleBase):
     def _token_lists(self, flat: TensorDictBase, key: str, *, mask_key: str | None) -> list[torch.Tensor]:
         if key not in flat.keys():
             raise ValueError(f"input is missing {key!r} (from_text=False).")
-        seqs = as_tensor_list(flat.get(key, as_list=True), key)
-        masks = None
+        seqs, masks = _ids_or_rows(flat.get(key, as_list=True), key), None
         if mask_key is not None and mask_key in flat.keys():
-            masks = as_tensor_list(flat.get(mask_key, as_list=True), mask_key)
+            masks = _ids_or_rows(flat.get(mask_key, as_list=True), mask_key)
         seqs = checked_token_ids(seqs, masks, key, mask_key, vocab_size(self.model, self.tokenizer))
-        out = [ids.to(device=self.device, dtype=torch.long) for ids in seqs]
+        device = self.device
+        out = [ids.to(device=device, dtype=torch.long) for ids in seqs]
         return [self._with_bos(ids, key, i) for i, ids in enumerate(out)] if key == self.token_key else out
 
     # ------------------------------------------------------------------ generate

@@ -245,26 +245,23 @@ def vocab_size(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None
 
 
 def checked_token_ids(
-    seqs: list[torch.Tensor], masks: list[torch.Tensor] | None, key: str, mask_key: str | None, vocab: int
+    seqs: list[torch.Tensor] | torch.Tensor,
+    masks: list[torch.Tensor] | torch.Tensor | None,
+    key: str,
+    mask_key: str | None,
+    vocab: int,
 ) -> list[torch.Tensor]:
     """1-D integer id tensors, each restricted to its mask, checked against ``[0, vocab)``.
 
-    The vocabulary range is checked once for the whole batch (one device sync, not one per row);
-    only when it fails are the rows searched for the first offending one.
+    ``seqs`` is a list of rows, or a dense ``[B, T]`` batch (``masks`` then ``[B, T]`` too, or None),
+    whose rows are selected in one masked gather instead of one per row. The vocabulary range is
+    checked once for the whole batch (one device sync, not one per row); only when it fails are the
+    rows searched for the first offending one.
     """
-    out = []
-    for i, ids in enumerate(seqs):
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise TypeError(f"{key} must hold integer token ids, got dtype {ids.dtype}.")
-        if ids.ndim != 1:
-            raise ValueError(f"{key}[{i}] must be 1-D per sample, got shape {tuple(ids.shape)}.")
-        if masks is not None:
-            if masks[i].shape != ids.shape:
-                raise ValueError(
-                    f"{mask_key}[{i}] has shape {tuple(masks[i].shape)}, {key}[{i}] {tuple(ids.shape)}."
-                )
-            ids = ids[masks[i].bool()]
-        out.append(ids)
+    if isinstance(seqs, torch.Tensor) and (masks is None or isinstance(masks, torch.Tensor)):
+        out = _dense_rows(seqs, masks, key, mask_key)
+    else:
+        out = _rows(list(seqs), masks, key, mask_key)
     flat = torch.cat([ids.reshape(-1).long() for ids in out]) if out else torch.zeros(0, dtype=torch.long)
     if flat.numel():
         low, high = torch.stack(torch.aminmax(flat)).tolist()  # one device sync for the batch
@@ -275,6 +272,43 @@ def checked_token_ids(
                         f"{key}[{i}] has token ids outside the vocabulary [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}."
                     )
     return out
+
+
+def _check_integer(ids: torch.Tensor, key: str) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"{key} must hold integer token ids, got dtype {ids.dtype}.")
+
+
+def _rows(
+    seqs: list[torch.Tensor], masks: list[torch.Tensor] | torch.Tensor | None, key: str, mask_key: str | None
+) -> list[torch.Tensor]:
+    out = []
+    for i, ids in enumerate(seqs):
+        _check_integer(ids, key)
+        if ids.ndim != 1:
+            raise ValueError(f"{key}[{i}] must be 1-D per sample, got shape {tuple(ids.shape)}.")
+        if masks is not None:
+            if masks[i].shape != ids.shape:
+                raise ValueError(
+                    f"{mask_key}[{i}] has shape {tuple(masks[i].shape)}, {key}[{i}] {tuple(ids.shape)}."
+                )
+            ids = ids[masks[i].bool()]
+        out.append(ids)
+    return out
+
+
+def _dense_rows(
+    ids: torch.Tensor, mask: torch.Tensor | None, key: str, mask_key: str | None
+) -> list[torch.Tensor]:
+    _check_integer(ids, key)
+    if ids.ndim != 2:
+        raise ValueError(f"{key}[0] must be 1-D per sample, got shape {tuple(ids.shape[1:])}.")
+    if mask is None:
+        return list(ids.unbind(0))
+    if mask.shape != ids.shape:
+        raise ValueError(f"{mask_key}[0] has shape {tuple(mask.shape[1:])}, {key}[0] {tuple(ids.shape[1:])}.")
+    keep = mask.bool()
+    return list(ids[keep].split(keep.sum(-1).tolist()))
 
 
 def as_str_list(value: Any, key: str, n: int) -> list[str]:

@@ -105,7 +105,8 @@ def place_dense(
     if num_samples is None:
         return container.update(out)  # the caller's object (a tensorclass updates its fields)
     # [*batch] cannot hold [*batch, G] samples: a new batch, the input entries repeated per sample.
-    return td.unsqueeze(-1).expand(out_shape).clone().update(out)
+    # the entries that ``out`` replaces are not copied first (``text``: one object per string)
+    return td.exclude(*out.keys()).unsqueeze(-1).expand(out_shape).clone().update(out)
 
 
 def assemble_rows(

@@ -35,7 +35,14 @@ from pipeline.evaluation import greedy_eval
 from pipeline.loggers import RunLogger
 from pipeline.metrics import UpdateStats, completion_rows, perf_metrics, reward_metrics, rollout_metrics
 from pipeline.rewards import RewardResult, RewardSet
-from pipeline.rollout import add_train_log_probs, check_rollout, scored_log_probs, setup_rollout
+from pipeline.rollout import (
+    add_train_log_probs,
+    check_rollout,
+    detached_copy,
+    scored_log_probs,
+    setup_rollout,
+    tensors_only,
+)
 from pipeline.runtime import PhaseTimer, StopRequest, TrainingError, seed_everything, write_run_info
 from pipeline.tasks import Example
 
@@ -236,7 +243,7 @@ class GRPORecipe:
             rollout = self.policy(self._prompt_batch(examples)).reshape(-1)
         # a normal tensordict (inference tensors cannot take part in autograd) on the trainer's device: vLLM
         # returns CPU tensors, and rewards, advantages, ... written later follow the tensordict's device
-        rollout = rollout.clone().to(self.device)
+        rollout = detached_copy(rollout, self.device)
         mask = rollout["tokens_response_mask"]
         lengths = mask.sum(-1)
         last = rollout["tokens_response"].gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -281,9 +288,10 @@ class GRPORecipe:
         """Log-probs of the frozen reference model (``ref_log_probs``), when the KL term is on."""
         if self.ref_scorer is None:
             return
+        tensors = tensors_only(rollout)
         with self.dist.inference(), lora.adapters_disabled(self.ref_scorer.model):
             parts = [
-                scored_log_probs(self.ref_scorer, rollout[idx])[0]
+                scored_log_probs(self.ref_scorer, tensors[idx])[0]
                 for idx in torch.arange(len(rollout)).split(self.sizes["micro_batch"])
             ]
             ref = torch.cat(parts).to(rollout["log_probs"].dtype)
@@ -303,7 +311,7 @@ class GRPORecipe:
         critic = self.critic.advantages(rollout, loss_mask) if self.critic is not None else {}  # PPO: GAE
         warmup = self.critic is not None and self.step < algo.value_warmup_steps  # the critic alone learns
         add_train_log_probs(self, rollout)  # TIS, several optimizer steps: the sampling weights' log-probs
-        stats = UpdateStats()
+        stats, tensors = UpdateStats(), tensors_only(rollout)
         for epoch in range(algo.ppo_epochs):
             for mb_index, mb in enumerate(self.dist.permutation(len(rollout)).split(sizes["minibatch"])):
                 # normalisers of the whole minibatch, so the accumulated micro-batch losses add up to its loss
@@ -311,7 +319,7 @@ class GRPORecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_loss = 0.0
                 for micro in self.dist.accumulate(mb.split(sizes["micro_batch"])):
-                    batch, m = rollout[micro], loss_mask[micro]
+                    batch, m = tensors[micro], loss_mask[micro]
                     lp, entropy, values = self._forward(batch, detach=warmup)
                     loss, token_stats = self.algorithm(
                         batch, lp, entropy, values, m, num_tokens=n_tokens, num_seqs=n_seqs, warmup=warmup

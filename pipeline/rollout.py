@@ -130,16 +130,35 @@ def setup_rollout(recipe: Any) -> tuple[Any, WeightSync]:
     return policy, weight_sync
 
 
+def tensors_only(td: Any) -> Any:
+    """``td`` without its text entries (``text``, ``text_response``, ...), sharing its tensors. Indexing a
+    rollout of 64 texts costs 1.5 ms against 0.03 ms for its tensors, and only rewards and logging read
+    the texts; scoring and the update index micro-batches of this instead."""
+    texts = [k for k in td.keys() if not isinstance(td.get(k), torch.Tensor)]
+    return td.exclude(*texts) if texts else td
+
+
+def detached_copy(td: Any, device: torch.device | str) -> Any:
+    """A copy of the rollout that autograd can use, on ``device``: its tensors cloned (tensors made under
+    ``inference_mode`` cannot take part in autograd), its texts shared rather than copied string by
+    string (3 ms for 128 texts)."""
+    out = tensors_only(td).clone().to(device)
+    for key in td.keys():
+        if key not in out.keys():
+            out.set(key, td.get(key))
+    return out
+
+
 def add_train_log_probs(recipe: Any, rollout: Any) -> None:
     """``rollout["train_log_probs"]``: the trainer's log-probs of the rollout's tokens under the current
     weights, no gradient. TIS's ``train_lp`` when an update makes more than one optimizer step (later
     passes see other weights); with one step the first pass gives them (nothing done here)."""
     if not recipe.algorithm.tis_pass:
         return
-    micro = recipe.sizes["micro_batch"]
+    micro, tensors = recipe.sizes["micro_batch"], tensors_only(rollout)
     with torch.no_grad():
         parts = [
-            scored_log_probs(recipe.scorer, rollout[i])[0] for i in torch.arange(len(rollout)).split(micro)
+            scored_log_probs(recipe.scorer, tensors[i])[0] for i in torch.arange(len(rollout)).split(micro)
         ]
     rollout["train_log_probs"] = torch.cat(parts).to(rollout["log_probs"].dtype)
 
