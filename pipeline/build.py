@@ -108,12 +108,14 @@ def build_policy(
             "log_probs_temperature": gen.temperature,
             "skip_special_tokens": True,
             "sampler": gen.sampler,
+            "compile_decode": gen.compile,
             **chat_args,
         }
     elif mode == "greedy":
         kwargs = {
             "generate_kwargs": {"max_new_tokens": gen.max_new_tokens, "do_sample": False},
             "skip_special_tokens": True,
+            "compile_decode": gen.compile,
             **chat_args,
         }
     else:

@@ -120,6 +120,7 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
     sampler: str = "inverse_cdf"  # or multinomial: how sampled tokens are drawn (pipeline.sampling)
+    compile: bool = False  # decode with a static cache and a torch.compile'd step (pipeline.decode)
 
     def __post_init__(self) -> None:
         from transformers import GenerationConfig
@@ -133,6 +134,10 @@ class GenerateConfig:
         named = {k: v for k, v in self.generation_kwargs().items() if k not in self.extra}
         updated_generation_config(GenerationConfig(), dict(self.extra), "generate.extra", log_probs=True)
         updated_generation_config(GenerationConfig(), named, "generate.", log_probs=True)
+        if self.compile:
+            from pipeline.decode import check_generation
+
+            check_generation(GenerationConfig(**self.generation_kwargs()), {}, "the generate group")
 
     def generation_kwargs(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
@@ -297,11 +302,17 @@ class TrainConfig:
         one_process = self.algo.advantage == Advantage.gae or self.algo.dynamic_sampling
         if one_process and self.trainer.strategy.value != "single":
             raise ValueError("algo.advantage=gae and algo.dynamic_sampling need trainer.strategy=single.")
+        if self.generate.compile and self.trainer.strategy == Strategy.fsdp:
+            raise ValueError("generate.compile=true is not supported with trainer.strategy=fsdp; use ddp.")
         if self.model.lora.enabled and self.trainer.strategy == Strategy.fsdp:
             raise ValueError("model.lora.enabled=true is not supported with trainer.strategy=fsdp; use ddp.")
         shared_head = self.algo.advantage == Advantage.gae and self.algo.critic == CriticKind.shared
         if shared_head and self.rollout.engine.value != "hf":  # its values come from HF generate's passes
             raise ValueError("algo.critic=shared needs rollout=hf (else use algo.critic=separate).")
+        if shared_head and self.generate.compile:  # its values are read by hooks in generate's passes
+            raise ValueError(
+                "algo.critic=shared needs generate.compile=false (else use algo.critic=separate)."
+            )
         if sizes["rollout"] % self.trainer.num_minibatches:
             raise ValueError(
                 f"trainer.num_minibatches ({self.trainer.num_minibatches}) must divide the rollout batch "

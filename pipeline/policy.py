@@ -19,7 +19,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, lazy_s
 from tensordict.nn import TensorDictModuleBase
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from pipeline import lm_head, prefix, sampling
+from pipeline import decode, lm_head, prefix, sampling
 from pipeline.logprobs import StepLogProbs, pad_left, response_lengths, sequence_log_probs
 from pipeline.policy_args import (
     as_tensor_list,
@@ -96,6 +96,10 @@ class TransformersWrapper(TensorDictModuleBase):
             model once and share its key/value cache, in generation and scoring (:mod:`pipeline.prefix`).
         sampler: ``"inverse_cdf"`` draws sampled tokens by inverse CDF (:mod:`pipeline.sampling`: the same
             distribution as ``torch.multinomial``, faster); ``"multinomial"``: Hugging Face's own draw.
+        compile_decode: generate with :class:`pipeline.decode.CompiledDecoder` (a static cache and a
+            ``torch.compile``d one-token step) instead of ``model.generate``: faster decoding on small
+            models, after a compilation on the first call per batch shape. Sampling by inverse CDF;
+            max/min_new_tokens, temperature, top-k, top-p and min-p only (others are refused).
 
     Input containers: a ``TensorDict`` or a tensorclass (the wrapper runs on the tensordict
     underneath and returns the same class; the class must declare every key written), of any batch
@@ -149,6 +153,7 @@ class TransformersWrapper(TensorDictModuleBase):
         autocast_dtype: torch.dtype | None = None,
         share_prompt_cache: bool = True,
         sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf",
+        compile_decode: bool = False,
     ) -> None:
         super().__init__()
         self.num_samples = check_wrapper_args(
@@ -186,11 +191,23 @@ class TransformersWrapper(TensorDictModuleBase):
             generate=generate, log_probs=self.return_log_probs, return_logits=return_logits,
         )  # fmt: skip
 
+        self.decoder = self._compiled_decoder(compile_decode)
+
         self.in_keys, self.out_keys = wrapper_keys(self, from_text=from_text, generate=generate)
         self.mask_keys = {self.token_response_key: self.token_response_mask_key,
                           self.log_prob_key: self.log_prob_mask_key, self.logits_key: self.logits_mask_key}  # fmt: skip
 
     # ------------------------------------------------------------------ configuration
+    def _compiled_decoder(self, compile_decode: bool) -> decode.CompiledDecoder | None:
+        if not compile_decode:
+            return None
+        if not self.generate:
+            raise ValueError("compile_decode=True applies to generation (generate=True), not to scoring.")
+        if self.return_logits:
+            raise ValueError("compile_decode=True does not return logits; set return_logits=False.")
+        decode.check_generation(self.generation_config, self.generate_extras, "generate_kwargs")
+        return decode.CompiledDecoder(self.model)
+
     @property
     def device(self) -> torch.device:
         return self._device if self._device is not None else next(self.model.parameters()).device
@@ -326,6 +343,40 @@ class TransformersWrapper(TensorDictModuleBase):
 
     # ------------------------------------------------------------------ generate
     def _generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig, group: int) -> dict[str, list]:
+        temperature = self.log_probs_temperature if self.return_log_probs else None
+        logits = None
+        if self.decoder is not None:
+            if cfg is not self.generation_config:
+                decode.check_generation(cfg, {}, "forward kwargs")
+            seqs, log_probs = self.decoder.generate(
+                prompts, cfg, group, share_prompts=self.share_prompt_cache, log_probs_temperature=temperature
+            )
+        else:
+            seqs, log_probs, logits = self._hf_generate(prompts, cfg, group, temperature)
+        if group > 1:
+            prompts = [p for p in prompts for _ in range(group)]
+        lengths = response_lengths(seqs, cfg.eos_token_id).tolist()
+        responses = [seqs[i, :n] for i, n in enumerate(lengths)]
+        outputs: dict[str, list] = {
+            self.token_key: prompts,
+            self.attention_mask_key: [torch.ones_like(p) for p in prompts],
+            self.token_response_key: responses,
+        }
+        if self.from_text:
+            outputs[self.text_response_key] = self.tokenizer.batch_decode(
+                responses, skip_special_tokens=self.skip_special_tokens
+            )
+        if log_probs is not None:
+            outputs[self.log_prob_key] = [log_probs[i, :n] for i, n in enumerate(lengths)]
+        if logits is not None:
+            outputs[self.logits_key] = [logits[i, :n] for i, n in enumerate(lengths)]
+        return outputs
+
+    def _hf_generate(
+        self, prompts: list[torch.Tensor], cfg: GenerationConfig, group: int, temperature: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``model.generate``: the ``[B, N]`` new tokens, their log-probs (when ``temperature`` is given)
+        and raw logits ``[B, N, V]`` (when ``return_logits``)."""
         extras = dict(self.generate_extras)
         if self.share_prompt_cache and cfg.cache_implementation is None:
             with torch.no_grad():  # each prompt once, its cache repeated for its group
@@ -335,7 +386,7 @@ class TransformersWrapper(TensorDictModuleBase):
         if group > 1:
             prompts = [p for p in prompts for _ in range(group)]
         input_ids, mask = pad_left(prompts, self.pad_token_id)
-        recorder = StepLogProbs(self.log_probs_temperature) if self.return_log_probs else None
+        recorder = StepLogProbs(temperature) if temperature is not None else None
         handle = self.model.register_forward_hook(recorder, with_kwargs=True) if recorder else None
         try:
             with torch.no_grad():
@@ -349,24 +400,9 @@ class TransformersWrapper(TensorDictModuleBase):
             if handle is not None:
                 handle.remove()
         seqs = out.sequences[:, input_ids.shape[1] :]
-        lengths = response_lengths(seqs, cfg.eos_token_id).tolist()
-        responses = [seqs[i, :n] for i, n in enumerate(lengths)]
-        outputs: dict[str, list] = {
-            self.token_key: prompts,
-            self.attention_mask_key: [torch.ones_like(p) for p in prompts],
-            self.token_response_key: responses,
-        }
-        if self.from_text:
-            outputs[self.text_response_key] = self.tokenizer.batch_decode(
-                responses, skip_special_tokens=self.skip_special_tokens
-            )
-        if recorder is not None:
-            log_probs = recorder.finish(seqs)
-            outputs[self.log_prob_key] = [log_probs[i, :n] for i, n in enumerate(lengths)]
-        if self.return_logits:
-            logits = torch.stack(out.logits, 1)
-            outputs[self.logits_key] = [logits[i, :n] for i, n in enumerate(lengths)]
-        return outputs
+        log_probs = recorder.finish(seqs) if recorder is not None else None
+        logits = torch.stack(out.logits, 1) if self.return_logits else None
+        return seqs, log_probs, logits
 
     # ------------------------------------------------------------------ score
     def _score(self, flat: TensorDictBase) -> dict[str, list]:

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from pipeline import logprobs  # module import: pipeline.logprobs imports this module too
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face model under DDP (``module``) and peft (``get_base_model``) wrappers."""
     model = getattr(model, "module", model)
     get_base = getattr(model, "get_base_model", None)
@@ -43,14 +43,14 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 def cache_kwarg(model: torch.nn.Module) -> str | None:
     """The name under which the model's forward takes a cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (earlier); None when it takes neither (a stray keyword would be ignored)."""
-    params = inspect.signature(_unwrapped(model).forward).parameters
+    params = inspect.signature(unwrapped(model).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def decoder_of(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     """The decoder stack that fills the cache (no LM head) and the name under which the model and the
     decoder take a cache, or None when the model cannot share prefixes."""
-    hf = _unwrapped(model)
+    hf = unwrapped(model)
     if isinstance(model, FSDPModule) or isinstance(hf, FSDPModule):
         return None
     checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers >= 5.x
@@ -113,7 +113,7 @@ def shared_forward(
     )
     if len(distinct) == len(ids):
         return None
-    cache = _fill(decoder, name, _unwrapped(model).config, distinct[:, :split], distinct[:, split:].bool())
+    cache = _fill(decoder, name, unwrapped(model).config, distinct[:, :split], distinct[:, split:].bool())
     cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
     out = call(
         input_ids=ids[:, split:],
@@ -140,6 +140,6 @@ def prefill(
     if ids.shape[1] < 2:
         return {}
     decoder, name = sharing
-    cache = _fill(decoder, name, _unwrapped(model).config, ids[:, :-1], mask[:, :-1])
+    cache = _fill(decoder, name, unwrapped(model).config, ids[:, :-1], mask[:, :-1])
     cache.batch_repeat_interleave(group)
     return {name: cache}

@@ -71,13 +71,33 @@ def _resolved(cfg: GenerationConfig, name: str, model_cfg: GenerationConfig | No
     return GenerationConfig._get_default_generation_params().get(name)
 
 
+def warpers(cfg: GenerationConfig, model: torch.nn.Module | None = None) -> list[LogitsProcessor]:
+    """Hugging Face's warpers of a sampling ``cfg`` in its order (temperature, top-k, top-p, min-p); none
+    when ``cfg`` is greedy. Unset (None) fields resolve as ``generate`` resolves them: ``model``'s
+    ``generation_config``, then HF's defaults (top-k 50)."""
+    if not cfg.do_sample:
+        return []
+    model_cfg = getattr(model, "generation_config", None)
+    temperature, top_k, top_p, min_p = (
+        _resolved(cfg, k, model_cfg) for k in ("temperature", "top_k", "top_p", "min_p")
+    )
+    out: list[LogitsProcessor] = []
+    if _is_set(temperature, 1.0):
+        out.append(TemperatureLogitsWarper(temperature))
+    if _is_set(top_k, 0):
+        out.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if _is_set(top_p, 1.0):
+        out.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    if min_p is not None:
+        out.append(MinPLogitsWarper(min_p=min_p, min_tokens_to_keep=1))
+    return out
+
+
 def fast_generation(
     cfg: GenerationConfig, extras: dict[str, Any], model: torch.nn.Module | None = None
 ) -> tuple[GenerationConfig, dict[str, Any]]:
     """``(cfg, extras)`` for ``generate`` that sample by inverse CDF; unchanged when ``cfg`` does not
-    sample, or samples with something this does not reproduce. Unset (None) temperature, top-k,
-    top-p and min-p resolve as ``generate`` resolves them: ``model``'s ``generation_config``, then HF's
-    defaults (top-k 50)."""
+    sample, or samples with something this does not reproduce. The warpers are :func:`warpers`."""
     others = (
         _is_set(getattr(cfg, "typical_p", None), 1.0)
         or _is_set(getattr(cfg, "epsilon_cutoff", None), 0.0)
@@ -89,22 +109,11 @@ def fast_generation(
     )
     if not cfg.do_sample or others:
         return cfg, extras
-    model_cfg = getattr(model, "generation_config", None)
-    temperature, top_k, top_p, min_p = (
-        _resolved(cfg, k, model_cfg) for k in ("temperature", "top_k", "top_p", "min_p")
-    )
-    warpers: list[LogitsProcessor] = []
-    if _is_set(temperature, 1.0):
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if _is_set(top_k, 0):
-        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
-    if _is_set(top_p, 1.0):
-        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
-    if min_p is not None:
-        warpers.append(MinPLogitsWarper(min_p=min_p, min_tokens_to_keep=1))
     greedy = copy.deepcopy(cfg)
     # greedy with Hugging Face's neutral values: a None would be filled from the model's generation_config
     greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p, greedy.min_p = False, 1.0, 50, 1.0, None
     # after the user's processors, as Hugging Face places its warpers
-    processors = LogitsProcessorList([*extras.get("logits_processor", []), *warpers, InverseCDF()])
+    processors = LogitsProcessorList(
+        [*extras.get("logits_processor", []), *warpers(cfg, model), InverseCDF()]
+    )
     return greedy, {**extras, "logits_processor": processors}

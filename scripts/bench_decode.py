@@ -16,7 +16,9 @@ each call with hooks:
 
 ``--compile`` adds Hugging Face's static cache with ``torch.compile`` of the decoding step
 (``cache_implementation="static"`` and a ``CompileConfig``, on CPU too) against its default
-``DynamicCache`` in eager mode, both greedy so they emit the same tokens; it needs a C++ compiler.
+``DynamicCache`` in eager mode, both greedy so they emit the same tokens; and our wrapper with
+``generate.compile=true`` (:mod:`pipeline.decode`) against its ``generate`` path, sampling as the recipe
+does. It needs a C++ compiler.
 
     python scripts/bench_decode.py                    # toy GPT-2 (4 x 128, 101-token vocabulary), 8 x 8 x 32
     python scripts/bench_decode.py --compile          # + static cache and torch.compile (about 1 min more)
@@ -172,7 +174,40 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(format_table([header, *cells], "<>>>")))
     if args.compile:
         print("\n" + "\n".join(compiled(model, ids, mask, n, args.repeats)))
+        print(ours_compiled(model, tok, batch, args.group, kwargs, args.repeats))
     return 0
+
+
+def ours_compiled(model: Any, tok: Any, batch: Any, group: int, kwargs: dict[str, Any], repeats: int) -> str:
+    """Our wrapper, sampling with log-probs as the recipe does: ``model.generate`` against the compiled
+    decoding loop of ``generate.compile=true`` (:mod:`pipeline.decode`); a seed gives both the same tokens."""
+    import torch
+
+    from pipeline import TransformersWrapper
+
+    args = {"tokenizer": tok, "return_log_probs": True, "num_samples": group, "generate_kwargs": kwargs,
+            "chat_template_name": None}  # fmt: skip
+    policies = {"generate": TransformersWrapper(model, **args),
+                "compiled": TransformersWrapper(model, compile_decode=True, **args)}  # fmt: skip
+    outs = {}
+    t0 = time.perf_counter()
+    for name, policy in policies.items():
+        torch.manual_seed(0)
+        outs[name] = policy(batch.clone())["tokens_response"]
+    first = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in policies}
+    for _, name in alternating(list(policies), repeats):
+        t0 = time.perf_counter()
+        policies[name](batch.clone())
+        times[name].append(time.perf_counter() - t0)
+    g, c = median(times["generate"]), median(times["compiled"])
+    rows = (outs["generate"] == outs["compiled"]).reshape(-1, outs["generate"].shape[-1]).all(-1)
+    same = int(rows.sum())
+    return (
+        f"our wrapper, sampled with log-probs: generate {g * 1e3:.1f} ms; compiled decoding (generate.compile) "
+        f"{c * 1e3:.1f} ms ({c / g:.3f}x); first calls with compilation {first:.1f} s; rows with the same tokens "
+        f"for a seed: {same} of {len(rows)} (a float-rounding difference at a bin edge changes a draw)"
+    )
 
 
 def compiled(model: Any, ids: Any, mask: Any, n: int, repeats: int) -> list[str]:

@@ -59,16 +59,17 @@ def test_benchlib_order_statistics_and_table():
 
 def test_bench_decode_splits_a_generation():
     """scripts/bench_decode.py: one forward call per new token (the shared prompt prefill is not one of
-    the model's), and the matrix products alone take less than the model calls that contain them."""
+    the model's), and the matrix products alone take less than the model calls that contain them;
+    ``--compile`` times both compiled paths against their eager ones."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    args = ["--prompts", "2", "--group", "2", "--length", "5", "--repeats", "2"]
+    args = ["--prompts", "2", "--group", "2", "--length", "5", "--repeats", "2", "--compile"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_decode.py"), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "2 prompts x G=2 = 4 rows x 5 tokens, 5 forward calls per generation" in out, out
@@ -79,3 +80,8 @@ def test_bench_decode_splits_a_generation():
         assert cells, f"{label!r} not in the table:\n{out}"
         times[label] = float(cells[1])
     assert 0 < times["of which linear layers alone"] < times["model forward calls"] < times["wrapper call"]
+    # --compile: Hugging Face's static cache and our compiled decoding, each against its eager path
+    assert re.search(rf"static cache \+ torch.compile {NUMBER} ms .*same tokens: True", out), out
+    assert re.search(
+        rf"compiled decoding \(generate.compile\) {NUMBER} ms .*same tokens for a seed: 4 of 4", out
+    ), out
