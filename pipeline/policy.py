@@ -387,7 +387,9 @@ class TransformersWrapper(TensorDictModuleBase):
             prompts = [p for p in prompts for _ in range(group)]
         input_ids, mask = pad_left(prompts, self.pad_token_id)
         recorder = StepLogProbs(temperature) if temperature is not None else None
-        handle = self.model.register_forward_hook(recorder, with_kwargs=True) if recorder else None
+        # on the model whose forward generate calls: peft's generate runs its base model's, not its own
+        hooked = prefix.unwrapped(self.model)
+        handle = hooked.register_forward_hook(recorder, with_kwargs=True) if recorder else None
         try:
             with torch.no_grad():
                 out = self.model.generate(

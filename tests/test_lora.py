@@ -12,9 +12,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensordict import TensorDict
 from transformers import AutoModelForCausalLM
 
-from pipeline import lora
+from pipeline import TransformersWrapper, lora
 from pipeline.config import LoraConfig, validate
 from pipeline.eval_report import evaluate
 from pipeline.tiny import char_tokenizer, tiny_model
@@ -57,6 +58,25 @@ def test_reference_is_the_base_with_adapters_disabled(arch):
     assert len(trainable) == sum("lora_" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_generation_log_probs_of_a_lora_model_are_its_scores(compile_decode):
+    # peft's generate runs its base model's forward: the log-probs are recorded there, adapters on
+    tok = char_tokenizer()
+    model = lora.attach(tiny_model(tok, arch="llama", seed=0), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    policy = TransformersWrapper(model, tokenizer=tok, return_log_probs=True, num_samples=3,
+                                 compile_decode=compile_decode, generate_kwargs={"max_new_tokens": 6, "do_sample": True})  # fmt: skip
+    torch.manual_seed(0)
+    out = policy(TensorDict(text=["12+35=", "7+8="], batch_size=[2])).reshape(-1)
+    scored = TransformersWrapper(model, tokenizer=tok, from_text=False, generate=False)(out.clone())
+    mask = out["log_probs_mask"]
+    assert out["log_probs"][mask].abs().min() > 0  # not the zeros of an unrecorded generation
+    assert (scored["log_probs"][mask] - out["log_probs"][mask]).abs().max() < 1e-5
+
+
 def test_lora_run_trains_only_adapters_shares_the_reference_and_saves_merged(saved_tiny, tmp_path):
     run = [*SMALL_RUN, *LORA, f"model.name_or_path={saved_tiny}", "algo.kl_coef=0.1", "optim.lr=1e-2"]
     recipe, _ = run_recipe([*run, "model.gradient_checkpointing=true"], tmp_path)
@@ -70,6 +90,8 @@ def test_lora_run_trains_only_adapters_shares_the_reference_and_saves_merged(sav
         n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
     }
     assert all(torch.equal(base[n], initial[n]) for n in base if "lora_" not in n)  # the base never moves
+    gap = [r["logprobs/gen_train_absdiff_max"] for r in read_metrics(tmp_path) if "kl/ref_mean" in r]
+    assert max(gap) < 1e-4  # the behaviour log-probs of generation are the trainer's
     kl = [r["kl/ref_mean"] for r in read_metrics(tmp_path) if "kl/ref_mean" in r]
     assert kl[0] == 0.0 and kl[-1] > 0.0  # adapters start at B = 0: the policy is the reference, then moves
     # checkpoints: adapters only; the final model: merged HF folder + the adapters alone
