@@ -40,11 +40,12 @@ batch size or cache length recompiles once with dynamic shapes (``torch.compile`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -197,7 +198,7 @@ class CompiledDecoder:
             step = self.step if compiled or t > 0 else next_token
             # guards in full on the first compiled step and where min_new_tokens changes the options
             guarded = t <= 1 or t == min_new
-            with nullcontext() if guarded else torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            with nullcontext() if guarded else _skipped_guards():
                 token, log_prob, done, bad = step(
                     self.model, inputs, u, done, bad, eos, suppress_eos=t < min_new, **options
                 )
@@ -288,6 +289,17 @@ def next_token(
         x = logits.to(compute_dtype(logits.dtype)) / temperature
         log_prob = x.gather(-1, token).squeeze(-1) - x.logsumexp(-1)
     return token, log_prob, done | torch.isin(token.squeeze(-1), eos), bad
+
+
+@functools.cache
+def _can_skip_guards() -> bool:
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+
+
+def _skipped_guards() -> AbstractContextManager:
+    """``torch.compile``'s guards skipped where torch has the switch (2.7+); checked in full otherwise."""
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if _can_skip_guards() else nullcontext()
 
 
 def _own_copy(fn: Any) -> Any:
