@@ -25,6 +25,7 @@ from pipeline import algos
 from pipeline.config import AlgoConfig, TrainConfig
 from pipeline.logprobs import compute_dtype, fit_width, position_ids_from_mask, supports_logits_to_keep
 from pipeline.metrics import gae_metrics
+from pipeline.rollout import tensors_only
 
 
 class Critic(torch.nn.Module):
@@ -97,9 +98,10 @@ class Critic(torch.nn.Module):
                 )
             values = fit_width(torch.stack(steps, 1), mask.shape[1])
         else:
+            tensors = tensors_only(rollout)
             with torch.inference_mode():
                 parts = [
-                    self._backbone_values(rollout[i]) for i in torch.arange(len(rollout)).split(micro_batch)
+                    self._backbone_values(tensors[i]) for i in torch.arange(len(rollout)).split(micro_batch)
                 ]
             values = torch.cat(parts)
         return (values * mask).to(rollout["log_probs"].dtype).clone()  # clone: a normal tensor again
