@@ -116,6 +116,8 @@ class CompiledDecoder:
                 f"{_OPTION} supports full-attention cache layers only; {type(hf).__name__} has {kinds}. "
                 "Set generate.compile=false."
             )
+        if next(hf.parameters()).device.type == "cpu":
+            _check_cpp_compiler()
         self.model = hf
         self.cache_arg = prefix.cache_kwarg(hf)
         self.takes_cache_position = "cache_position" in inspect.signature(hf.forward).parameters
@@ -289,6 +291,22 @@ def next_token(
         x = logits.to(compute_dtype(logits.dtype)) / temperature
         log_prob = x.gather(-1, token).squeeze(-1) - x.logsumexp(-1)
     return token, log_prob, done | torch.isin(token.squeeze(-1), eos), bad
+
+
+def _check_cpp_compiler() -> None:
+    """``torch.compile`` builds C++ kernels on a CPU: without a compiler it would fail at the first
+    rollout, so the wrapper fails at construction, with the fix."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the first compilation reports it instead
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # InvalidCxxCompiler, or the compiler's version check failing
+        raise ValueError(
+            f"{_OPTION} needs a C++ compiler on CPU (torch.compile builds its kernels with it; install g++ "
+            f"or set CXX), or set generate.compile=false: {err}"
+        ) from err
 
 
 @functools.cache

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from tensordict import TensorDict
 from pipeline import TransformersWrapper
 from pipeline.config import validate
 from pipeline.logprobs import sequence_log_probs
-from tests.helpers import SMALL_RUN, compose_train, read_metrics, run_recipe
+from tests.helpers import ROOT, SMALL_RUN, compose_train, read_metrics, run_recipe
 
 PROMPTS = ["12+35=", "7+8=", "123+4=", "9="]  # different widths: left padding in every batch
 
@@ -114,6 +117,25 @@ def test_what_it_cannot_reproduce_is_refused_by_name(models, char_tok):
     )
     with pytest.raises(ValueError, match=r"forward kwargs also sets \['no_repeat_ngram_size=2'\]"):
         _run(policy, PROMPTS, no_repeat_ngram_size=2)
+
+
+def test_no_cpp_compiler_fails_at_construction():
+    # a fresh process: torch caches its compiler search for the life of a process
+    code = (
+        "from pipeline import TransformersWrapper\n"
+        "from pipeline.tiny import char_tokenizer, tiny_model\n"
+        "tok = char_tokenizer()\n"
+        "TransformersWrapper(tiny_model(tok), tokenizer=tok, compile_decode=True, generate_kwargs={'max_new_tokens': 4})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": "/nonexistent"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert "ValueError: compile_decode (generate.compile) needs a C++ compiler on CPU" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
+    assert "or set generate.compile=false" in proc.stderr
 
 
 def test_config_errors_name_generate_compile():
