@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import DynamicCache, GenerationConfig, StaticCache
+from transformers import GenerationConfig, StaticCache
 
 from pipeline import prefix, sampling
 from pipeline.logprobs import compute_dtype, pad_left, position_ids_from_mask
@@ -104,7 +104,8 @@ class CompiledDecoder:
 
     def __init__(self, model: torch.nn.Module, cpu_attention: str | None = "eager") -> None:
         hf = _hf_model(model)
-        if not getattr(hf, "_can_compile_fullgraph", False) or prefix.cache_kwarg(hf) is None:
+        self.cache_arg = prefix.cache_kwarg(hf)
+        if not getattr(hf, "_can_compile_fullgraph", False) or self.cache_arg is None:
             raise ValueError(
                 f"{_OPTION}: {type(hf).__name__} does not declare a fully compilable forward with a cache "
                 "argument (transformers' _can_compile_fullgraph); set generate.compile=false."
@@ -119,7 +120,6 @@ class CompiledDecoder:
         if next(hf.parameters()).device.type == "cpu":
             _check_cpp_compiler()
         self.model = hf
-        self.cache_arg = prefix.cache_kwarg(hf)
         self.takes_cache_position = "cache_position" in inspect.signature(hf.forward).parameters
         self.cpu_attention = cpu_attention
         self._cache: tuple[tuple[Any, ...], StaticCache] | None = None
@@ -154,7 +154,9 @@ class CompiledDecoder:
             "positions": position_ids_from_mask(mask)[:, -1:].clone(),
             "done": torch.zeros(batch, dtype=torch.bool, device=ids.device),
             "bad": torch.zeros((), dtype=torch.bool, device=ids.device),
-            "eos": torch.as_tensor(_ids(cfg.eos_token_id), dtype=torch.long, device=ids.device),
+            "eos": torch.as_tensor(
+                [] if cfg.eos_token_id is None else cfg.eos_token_id, dtype=torch.long, device=ids.device
+            ).reshape(-1),
         }
         options = {
             "warpers": sampling.warpers(cfg, self.model),
@@ -168,7 +170,7 @@ class CompiledDecoder:
             tokens, log_probs = self._loop(ids[:, -1:].contiguous(), cache, full_mask, state, width, new,
                                            min_new, compiled, options)  # fmt: skip
         if bool(state["bad"]):
-            raise ValueError("sampling scores contain NaN or +inf (the model's logits overflowed?).")
+            raise ValueError(sampling.NOT_FINITE)
         return torch.cat(tokens, 1), (
             torch.stack(log_probs, 1) if log_probs_temperature is not None else None
         )
@@ -195,8 +197,8 @@ class CompiledDecoder:
                       "use_cache": True, self.cache_arg: cache}  # fmt: skip
             if self.takes_cache_position:  # transformers < 5.2x
                 inputs["cache_position"] = torch.tensor([width + t - 1], device=token.device)
-            # uniforms in (0, 1], drawn as sampling.inverse_cdf_sample draws them (greedy draws none)
-            u = 1.0 - torch.rand(token.shape, dtype=torch.float64, device=token.device) if sample else token
+            # the random numbers of sampling.inverse_cdf_sample, outside the graph (greedy draws none)
+            u = sampling.uniforms(token.shape[0], token.device) if sample else token
             step = self.step if compiled or t > 0 else next_token
             # guards in full on the first compiled step and where min_new_tokens changes the options
             guarded = t <= 1 or t == min_new
@@ -230,15 +232,10 @@ class CompiledDecoder:
             return StaticCache(config=self.model.config, max_cache_len=length)
         shared = prefix.prefill(self.model, prompts, group, pad_token_id=pad) if share_prompts else {}
         dynamic = shared.get(self.cache_arg)
-        if dynamic is None:
-            dynamic = DynamicCache(config=self.model.config)
-            self.model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1].long(),
-                position_ids=position_ids_from_mask(mask[:, :-1]),
-                use_cache=True,
-                **{self.cache_arg: dynamic},
-            )
+        if dynamic is None:  # every row runs its prompt; through the decoder alone where it has one
+            sharing = prefix.decoder_of(self.model)
+            module = sharing[0] if sharing is not None else self.model
+            dynamic = prefix.fill(module, self.cache_arg, self.model.config, ids[:, :-1], mask[:, :-1])
         first = dynamic.layers[0].keys
         key = (ids.shape[0], length, first.dtype, first.device)
         if self._cache is not None and self._cache[0] == key:
@@ -279,10 +276,8 @@ def next_token(
     for warp in warpers:
         scores = warp(None, scores)
     if do_sample:
-        cdf = torch.softmax(scores, -1).double().cumsum(-1)
-        total = cdf[:, -1:]
-        bad = bad | ~torch.isfinite(total).all()
-        token = torch.searchsorted(cdf, u * total).clamp(max=scores.shape[-1] - 1)
+        token, finite = sampling.draw(scores, u)
+        bad = bad | ~finite
     else:
         token = scores.argmax(-1, keepdim=True)
     token = token.masked_fill(done[:, None], pad)
@@ -341,9 +336,3 @@ def _attention(config: Any, name: str | None) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = old
-
-
-def _ids(value: int | list[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]

@@ -22,7 +22,6 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from pipeline import decode, lm_head, prefix, sampling
 from pipeline.logprobs import StepLogProbs, pad_left, response_lengths, sequence_log_probs
 from pipeline.policy_args import (
-    as_tensor_list,
     base_generation_config,
     bos_token_id,
     check_num_samples,
@@ -45,13 +44,6 @@ from pipeline.policy_layout import (
     unwrap_container,
     wrapper_keys,
 )
-
-
-def _ids_or_rows(value: Any, key: str) -> torch.Tensor | list[torch.Tensor]:
-    """A dense ``[B, T]`` batch as is (checked rows are cut from it at once), anything else as rows."""
-    if isinstance(value, torch.Tensor) and value.ndim == 2:
-        return value
-    return as_tensor_list(value, key)
 
 
 class TransformersWrapper(TensorDictModuleBase):
@@ -333,10 +325,12 @@ class TransformersWrapper(TensorDictModuleBase):
     def _token_lists(self, flat: TensorDictBase, key: str, *, mask_key: str | None) -> list[torch.Tensor]:
         if key not in flat.keys():
             raise ValueError(f"input is missing {key!r} (from_text=False).")
-        seqs, masks = _ids_or_rows(flat.get(key, as_list=True), key), None
+        masks = None
         if mask_key is not None and mask_key in flat.keys():
-            masks = _ids_or_rows(flat.get(mask_key, as_list=True), mask_key)
-        seqs = checked_token_ids(seqs, masks, key, mask_key, vocab_size(self.model, self.tokenizer))
+            masks = flat.get(mask_key, as_list=True)
+        seqs = checked_token_ids(
+            flat.get(key, as_list=True), masks, key, mask_key, vocab_size(self.model, self.tokenizer)
+        )
         device = self.device
         out = [ids.to(device=device, dtype=torch.long) for ids in seqs]
         return [self._with_bos(ids, key, i) for i, ids in enumerate(out)] if key == self.token_key else out

@@ -245,23 +245,20 @@ def vocab_size(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None
 
 
 def checked_token_ids(
-    seqs: list[torch.Tensor] | torch.Tensor,
-    masks: list[torch.Tensor] | torch.Tensor | None,
-    key: str,
-    mask_key: str | None,
-    vocab: int,
+    seqs: Any, masks: Any, key: str, mask_key: str | None, vocab: int
 ) -> list[torch.Tensor]:
     """1-D integer id tensors, each restricted to its mask, checked against ``[0, vocab)``.
 
-    ``seqs`` is a list of rows, or a dense ``[B, T]`` batch (``masks`` then ``[B, T]`` too, or None),
-    whose rows are selected in one masked gather instead of one per row. The vocabulary range is
-    checked once for the whole batch (one device sync, not one per row); only when it fails are the
-    rows searched for the first offending one.
+    ``seqs`` and ``masks`` (or None) are what a tensordict holds under ``key`` and ``mask_key``: a dense
+    ``[B, T]`` batch, whose rows are cut out in one masked gather instead of one per row, or rows. The
+    vocabulary range is checked once for the whole batch (one device sync, not one per row); only
+    when it fails are the rows searched for the first offending one.
     """
-    if isinstance(seqs, torch.Tensor) and (masks is None or isinstance(masks, torch.Tensor)):
+    if _dense(seqs) and (masks is None or _dense(masks)):
         out = _dense_rows(seqs, masks, key, mask_key)
     else:
-        out = _rows(list(seqs), masks, key, mask_key)
+        rows = as_tensor_list(seqs, key)
+        out = _rows(rows, as_tensor_list(masks, mask_key) if masks is not None else None, key, mask_key)
     flat = torch.cat([ids.reshape(-1).long() for ids in out]) if out else torch.zeros(0, dtype=torch.long)
     if flat.numel():
         low, high = torch.stack(torch.aminmax(flat)).tolist()  # one device sync for the batch
@@ -279,8 +276,12 @@ def _check_integer(ids: torch.Tensor, key: str) -> None:
         raise TypeError(f"{key} must hold integer token ids, got dtype {ids.dtype}.")
 
 
+def _dense(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 2
+
+
 def _rows(
-    seqs: list[torch.Tensor], masks: list[torch.Tensor] | torch.Tensor | None, key: str, mask_key: str | None
+    seqs: list[torch.Tensor], masks: list[torch.Tensor] | None, key: str, mask_key: str | None
 ) -> list[torch.Tensor]:
     out = []
     for i, ids in enumerate(seqs):
@@ -301,8 +302,6 @@ def _dense_rows(
     ids: torch.Tensor, mask: torch.Tensor | None, key: str, mask_key: str | None
 ) -> list[torch.Tensor]:
     _check_integer(ids, key)
-    if ids.ndim != 2:
-        raise ValueError(f"{key}[0] must be 1-D per sample, got shape {tuple(ids.shape[1:])}.")
     if mask is None:
         return list(ids.unbind(0))
     if mask.shape != ids.shape:

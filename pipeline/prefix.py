@@ -68,10 +68,11 @@ def decoder_of(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     return (base, name) if name in inspect.signature(base.forward).parameters else None
 
 
-def _fill(
+def fill(
     decoder: torch.nn.Module, name: str, config: Any, ids: torch.Tensor, mask: torch.Tensor
 ) -> DynamicCache:
-    """The cache of ``ids`` (left-padded, boolean ``mask``) from one pass of the decoder."""
+    """The cache of ``ids`` (left-padded, boolean ``mask``) from one pass of ``decoder`` (a decoder stack
+    or a whole model) that takes it as ``name``."""
     cache = DynamicCache(config=config)
     decoder(
         input_ids=ids,
@@ -113,7 +114,7 @@ def shared_forward(
     )
     if len(distinct) == len(ids):
         return None
-    cache = _fill(decoder, name, unwrapped(model).config, distinct[:, :split], distinct[:, split:].bool())
+    cache = fill(decoder, name, unwrapped(model).config, distinct[:, :split], distinct[:, split:].bool())
     cache.batch_select_indices(inverse)  # a differentiable gather: the prompt's gradient sums over its rows
     out = call(
         input_ids=ids[:, split:],
@@ -140,6 +141,6 @@ def prefill(
     if ids.shape[1] < 2:
         return {}
     decoder, name = sharing
-    cache = _fill(decoder, name, unwrapped(model).config, ids[:, :-1], mask[:, :-1])
+    cache = fill(decoder, name, unwrapped(model).config, ids[:, :-1], mask[:, :-1])
     cache.batch_repeat_interleave(group)
     return {name: cache}

@@ -39,14 +39,30 @@ def checked(sampler: str) -> str:
     return sampler
 
 
+NOT_FINITE = "sampling scores contain NaN or +inf (the model's logits overflowed?)."
+
+
+def uniforms(rows: int, device: torch.device | str) -> torch.Tensor:
+    """``[rows, 1]`` float64 uniforms in (0, 1]: the random numbers of one inverse-CDF draw."""
+    return 1.0 - torch.rand(rows, 1, dtype=torch.float64, device=device)
+
+
+def draw(scores: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, 1]`` token ids of ``softmax(scores)`` (``[B, V]``) at the uniforms ``u`` (``[B, 1]``), and
+    whether every row's probabilities were finite (a 0-dim bool, left for the caller to check: the
+    compiled decoding step cannot raise)."""
+    cdf = torch.softmax(scores.float(), -1).double().cumsum(-1)
+    total = cdf[:, -1:]
+    token = torch.searchsorted(cdf, u * total).clamp(max=scores.shape[-1] - 1)  # u * total in (0, total]
+    return token, torch.isfinite(total).all()
+
+
 def inverse_cdf_sample(scores: torch.Tensor) -> torch.Tensor:
     """``[B]`` token ids drawn from ``softmax(scores)`` (``[B, V]``) by inverse CDF."""
-    cdf = torch.softmax(scores.float(), -1).double().cumsum_(-1)
-    total = cdf[:, -1:]
-    if not torch.isfinite(total).all():
-        raise ValueError("sampling scores contain NaN or +inf (the model's logits overflowed?).")
-    u = (1.0 - torch.rand(total.shape, dtype=torch.float64, device=scores.device)) * total  # in (0, total]
-    return torch.searchsorted(cdf, u).clamp_(max=scores.shape[-1] - 1).squeeze(-1)
+    token, finite = draw(scores, uniforms(scores.shape[0], scores.device))
+    if not finite:
+        raise ValueError(NOT_FINITE)
+    return token.squeeze(-1)
 
 
 class InverseCDF(LogitsProcessor):

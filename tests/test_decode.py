@@ -44,9 +44,12 @@ def test_greedy_gives_generates_tokens_and_log_probs_that_scoring_reproduces(mod
     hf, compiled = _pair(
         model, char_tok, num_samples=2, generate_kwargs={"max_new_tokens": 10, "do_sample": False}
     )
+    unshared = TransformersWrapper(model, tokenizer=char_tok, return_log_probs=True, num_samples=2, compile_decode=True,
+                                   share_prompt_cache=False, generate_kwargs={"max_new_tokens": 10, "do_sample": False})  # fmt: skip
     for prompts in (PROMPTS, PROMPTS[:3]):  # a second batch size and width: recompiled, same results
         a, b = _run(hf, prompts), _run(compiled, prompts)
         _assert_same(a, b)
+        _assert_same(a, _run(unshared, prompts))  # every row prefilled on its own
     # the log-prob invariant against a float64 forward of the same weights
     flat = b.reshape(-1)
     mask = flat["tokens_response_mask"]
