@@ -140,12 +140,12 @@ def tensors_only(td: Any) -> Any:
 
 def detached_copy(td: Any, device: torch.device | str) -> Any:
     """A copy of the rollout that autograd can use, on ``device``: its tensors cloned (tensors made under
-    ``inference_mode`` cannot take part in autograd), its texts shared rather than copied string by
-    string (3 ms for 128 texts)."""
+    ``inference_mode`` cannot take part in autograd), its texts shared as they are: not copied, nor
+    moved to ``device`` string by string (2 ms for 128 texts), since a text has no device."""
     out = tensors_only(td).clone().to(device)
     for key in td.keys():
-        if key not in out.keys():
-            out.set(key, td.get(key))
+        if key not in out.keys():  # tensordict's own setter without its per-element device check
+            out._set_str(key, td.get(key), inplace=False, validated=True)
     return out
 
 

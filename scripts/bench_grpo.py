@@ -290,7 +290,36 @@ class StepClock:
             return ""
         self._stop_profiler()
         key = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
-        return self.profiler.key_averages().table(sort_by=key, row_limit=self.rows)
+        table = self.profiler.key_averages().table(sort_by=key, row_limit=self.rows)
+        return table + phase_breakdown(self.profiler.events(), self.steps - 1)
+
+
+def phase_breakdown(events: Any, steps: int, top: int = 6) -> str:
+    """Self CPU time per step of our phases (``PhaseTimer``'s ``phase/NAME`` profiler ranges) and each
+    phase's top ops: where a phase's time goes. Events the profiler links to no phase count as "other"."""
+    from collections import Counter, defaultdict
+
+    phases: defaultdict[str, Counter] = defaultdict(Counter)
+    for event in events:
+        parent, phase = event, "other"
+        while parent is not None:
+            if parent.name.startswith("phase/"):
+                phase = parent.name.removeprefix("phase/")
+                break
+            parent = parent.cpu_parent
+        name = "(Python and untraced)" if event.name.startswith("phase/") else event.name
+        phases[phase][name] += event.self_cpu_time_total / 1e3 / steps
+    if set(phases) <= {"other"}:  # TRL's side: no phase ranges
+        return ""
+    lines = [
+        "",
+        f"self CPU ms per step by phase (torch.profiler, {steps} steps), top {top} ops each; other: "
+        "events whose parents the profiler did not record (compiled regions)",
+    ]
+    for phase, ops in sorted(phases.items(), key=lambda kv: -sum(kv[1].values())):
+        lines.append(f"  {phase}: {sum(ops.values()):.1f} ms")
+        lines += [f"    {ms:7.2f}  {name[:80]}" for name, ms in ops.most_common(top)]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- our side
