@@ -21,13 +21,15 @@ The loop, for ``B`` rows (prompts repeated ``group`` times each, left-padded to 
   their first EOS, as in ``generate``.
 - it stops when every row has emitted an EOS, or after ``max_new_tokens``.
 
-Two things make the compiled step cheap on a CPU. Its attention there is Hugging Face's ``eager``
+Three things make the compiled step cheap on a CPU. Its attention there is Hugging Face's ``eager``
 implementation (two matrix products and a softmax, which the compiler fuses; the model keeps its own
 implementation everywhere else, and on other devices): at one query row the CPU flash kernel costs
-more than the products around it. And ``torch.compile``'s guards are evaluated in full only on the first steps of a call and
-where an option changes; between them every guarded object, value and tensor layout is the same by
-construction, so the guards are skipped (``skip_guard_eval_unsafe``, where they would cost a quarter
-of a small model's step).
+more than the products around it. ``torch.compile``'s guards are evaluated in full only on the first
+steps of a call and where an option changes; between them every guarded object, value and tensor
+layout is the same by construction, so the guards are skipped (``skip_guard_eval_unsafe``, where they
+would cost a quarter of a small model's step). And torch's deterministic mode (``trainer.deterministic``)
+is lifted inside the loop, where it only swaps the cache write's generated kernel for a slower
+fallback (:func:`_nondeterministic_lowering`).
 
 Scope: the generation fields above (plus ids and output flags). Any other active field
 (``repetition_penalty != 1``, ``no_repeat_ngram_size``, beams, ...), ``generate`` extras (logits
@@ -165,8 +167,11 @@ class CompiledDecoder:
             "do_sample": bool(cfg.do_sample),
         }
         min_new = int(cfg.min_new_tokens or 0) if state["eos"].numel() else 0
-        attention = self.cpu_attention if ids.device.type == "cpu" else None
-        with _attention(self.model.config, attention):
+        cpu = ids.device.type == "cpu"
+        with (
+            _attention(self.model.config, self.cpu_attention if cpu else None),
+            _nondeterministic_lowering(cpu),
+        ):
             tokens, log_probs = self._loop(ids[:, -1:].contiguous(), cache, full_mask, state, width, new,
                                            min_new, compiled, options)  # fmt: skip
         if bool(state["bad"]):
@@ -322,6 +327,26 @@ def _own_copy(fn: Any) -> Any:
     return types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
+
+
+@contextmanager
+def _nondeterministic_lowering(active: bool) -> Iterator[None]:
+    """torch's deterministic mode lifted while ``active`` (the CPU decoding loop).
+
+    On a CPU the mode changes two things in the compiled step, and neither makes its result depend on
+    the run: the key/value cache write (``index_copy_`` at one position per row: no index repeats) falls
+    back from a generated kernel to ``aten.index_put_`` (9 calls of 17 us per step on the toy model:
+    a rollout of 64 x 32 tokens took 60.8 instead of 55.6 ms), and new buffers are filled with NaN.
+    Every CPU kernel gives the same result run to run either way."""
+    if not active or not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 @contextmanager
