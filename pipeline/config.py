@@ -62,6 +62,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     fused_activation: bool = True  # run GPT-2's gelu_new as the same function's fused kernel
+    compile_activation: bool = False  # tanh-GELU as compiled kernels (pipeline.activations)
     autocast: str | None = None  # bfloat16 | float16: mixed precision over float32 weights (torch.autocast)
     share_prompt_cache: bool = True  # the G samples of a prompt run it once (pipeline.prefix)
     lora: LoraConfig = field(default_factory=LoraConfig)  # peft adapters (pipeline.lora)

@@ -56,6 +56,7 @@ from transformers import GenerationConfig, StaticCache
 
 from pipeline import prefix, sampling
 from pipeline.logprobs import compute_dtype, pad_left, position_ids_from_mask
+from pipeline.runtime import check_cpp_compiler
 
 CACHE_ROUNDING = 64
 # GenerationConfig fields the loop reproduces or that do not change what generate computes.
@@ -120,7 +121,7 @@ class CompiledDecoder:
                 "Set generate.compile=false."
             )
         if next(hf.parameters()).device.type == "cpu":
-            _check_cpp_compiler()
+            check_cpp_compiler(_OPTION, "generate.compile=false")
         self.model = hf
         self.takes_cache_position = "cache_position" in inspect.signature(hf.forward).parameters
         self.cpu_attention = cpu_attention
@@ -291,22 +292,6 @@ def next_token(
         x = logits.to(compute_dtype(logits.dtype)) / temperature
         log_prob = x.gather(-1, token).squeeze(-1) - x.logsumexp(-1)
     return token, log_prob, done | torch.isin(token.squeeze(-1), eos), bad
-
-
-def _check_cpp_compiler() -> None:
-    """``torch.compile`` builds C++ kernels on a CPU: without a compiler it would fail at the first
-    rollout, so the wrapper fails at construction, with the fix."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch layout: the first compilation reports it instead
-        return
-    try:
-        get_cpp_compiler()
-    except Exception as err:  # InvalidCxxCompiler, or the compiler's version check failing
-        raise ValueError(
-            f"{_OPTION} needs a C++ compiler on CPU (torch.compile builds its kernels with it; install g++ "
-            f"or set CXX), or set generate.compile=false: {err}"
-        ) from err
 
 
 @functools.cache

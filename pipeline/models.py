@@ -25,7 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pipeline.activations import TANH_GELU_NAMES, compile_gelu_tanh
 from pipeline.config import DType, ModelConfig, TokenizerConfig
+from pipeline.runtime import check_cpp_compiler
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = "builtin://"
@@ -185,6 +187,8 @@ def load_model(
               "local_files_only": _local_only(path)}  # fmt: skip
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.compile_activation:
+        _check_compile_activation(config, device)
     fused = cfg.fused_activation and getattr(config, "activation_function", None) in _FUSED_ACTIVATIONS
     if fused:
         kwargs["activation_function"] = _FUSED_ACTIVATIONS[config.activation_function]
@@ -194,6 +198,36 @@ def load_model(
         raise _explain("model.name_or_path", path, err) from err
     if fused:
         model.config.activation_function = config.activation_function  # runtime kernel only
+    if cfg.compile_activation:
+        _compile_activation(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
+
+
+def _activation_name(config: PretrainedConfig | None) -> str | None:
+    return getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+
+
+def _check_compile_activation(config: PretrainedConfig | None, device: torch.device) -> None:
+    """``model.compile_activation`` before loading: a model whose config names another activation, or a
+    CPU without the C++ compiler that builds the kernels, is an error that names the key."""
+    act = _activation_name(config)
+    if isinstance(act, str) and act not in TANH_GELU_NAMES:
+        _no_tanh_gelu(act)
+    if device.type == "cpu":
+        check_cpp_compiler("model.compile_activation", "model.compile_activation=false")
+
+
+def _no_tanh_gelu(act: object) -> None:
+    raise ValueError(
+        f"model.compile_activation=true compiles the tanh approximation of GELU ({', '.join(TANH_GELU_NAMES)}); "
+        f"this model's activation is {act!r}. Set model.compile_activation=false."
+    )
+
+
+def _compile_activation(model: PreTrainedModel) -> None:
+    """``model.compile_activation``: the model's tanh-GELU modules run as compiled kernels
+    (:mod:`pipeline.activations`); an error where it has none (an activation its config does not name)."""
+    if compile_gelu_tanh(model) == 0:
+        _no_tanh_gelu(_activation_name(model.config))

@@ -103,6 +103,23 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def check_cpp_compiler(option: str, off: str) -> None:
+    """Raises a ``ValueError`` naming ``option`` and how to turn it ``off`` when ``torch.compile`` could not
+    build its C++ kernels (a CPU without a compiler): it would fail at the first compiled call, deep in
+    a run, so the option fails when it is set up, with the fix."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the first compilation reports it instead
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # InvalidCxxCompiler, or the compiler's version check failing
+        raise ValueError(
+            f"{option} needs a C++ compiler on CPU (torch.compile builds its kernels with it; install g++ "
+            f"or set CXX), or set {off}: {err}"
+        ) from err
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase of a step: ``with timer("collect"): ...``; ``timer.times``."""
 

@@ -153,16 +153,20 @@ def test_config_errors_name_generate_compile():
 
 
 def test_training_with_compiled_decoding_samples_what_generate_samples(tmp_path):
-    runs = {}
-    for compiled in ("false", "true"):
-        _, runs[compiled] = run_recipe(
-            [*SMALL_RUN, f"generate.compile={compiled}", "logger=none"], tmp_path / compiled
-        )
-    assert runs["true"] == runs["false"]  # greedy evaluation: the same answers
-    plain, fast = (
-        [m for m in read_metrics(tmp_path / run) if "loss/total" in m] for run in ("false", "true")
-    )
-    assert len(plain) == len(fast) == 2
-    for p, f in zip(plain, fast):
-        assert f["reward/total_mean"] == p["reward/total_mean"]  # the same samples
-        assert f["loss/total"] == pytest.approx(p["loss/total"], abs=1e-5)
+    variants = {
+        "plain": ["generate.compile=false"],
+        "compiled": ["generate.compile=true"],
+        # and the compiled tanh-GELU of pipeline.activations, inside the decoding graph and in training
+        "activation": ["generate.compile=true", "model.compile_activation=true"],
+    }
+    runs = {
+        name: run_recipe([*SMALL_RUN, *sets, "logger=none"], tmp_path / name)[1]
+        for name, sets in variants.items()
+    }
+    assert runs["compiled"] == runs["plain"] == runs["activation"]  # greedy evaluation: the same answers
+    metrics = {name: [m for m in read_metrics(tmp_path / name) if "loss/total" in m] for name in variants}
+    assert [len(m) for m in metrics.values()] == [2, 2, 2]
+    for name in ("compiled", "activation"):
+        for p, f in zip(metrics["plain"], metrics[name]):
+            assert f["reward/total_mean"] == p["reward/total_mean"]  # the same samples
+            assert f["loss/total"] == pytest.approx(p["loss/total"], abs=1e-5)
