@@ -128,9 +128,10 @@ class Critic(torch.nn.Module):
         if len(hidden) != 1:
             raise RuntimeError(f"expected one LM-head call in the training forward pass, got {len(hidden)}.")
         h = hidden[0].detach() if detach else hidden[0]
-        # the scorer keeps the positions that predict the R response tokens (and one more) when it can
-        r = h.shape[1] - 1 if self._policy_fns[1]() else int(batch["tokens_response_mask"].sum(-1).max())
-        return fit_width(self._values(h[:, -(r + 1) : -1]), width)
+        # the scorer keeps just the R positions that predict the response tokens when it can; the last of
+        # its inputs is the one before the last response token
+        r = h.shape[1] if self._policy_fns[1]() else int(batch["tokens_response_mask"].sum(-1).max())
+        return fit_width(self._values(h[:, h.shape[1] - r :]), width)
 
     def _backbone_values(self, batch: TensorDictBase) -> torch.Tensor:
         """The separate critic on a dense slice of the rollout: prompt (left-padded) + response (right-padded)."""

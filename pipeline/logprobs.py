@@ -126,10 +126,12 @@ def sequence_log_probs(
     if n_resp == 0:
         empty = torch.zeros(len(prompts), 0, dtype=compute_dtype(_model_dtype(model)), device=device)
         return empty, resp_mask, None
-    input_ids = torch.cat([prompt_ids, resp_ids], 1)
-    mask = torch.cat([prompt_mask, resp_mask], 1)
+    # the last response token predicts nothing scored: it is not fed, so the R positions kept (the last
+    # prompt token and every response token but the last) are the ones that predict the R responses
+    input_ids = torch.cat([prompt_ids, resp_ids[:, :-1]], 1)
+    mask = torch.cat([prompt_mask, resp_mask[:, :-1]], 1)
     kwargs = {"use_cache": False}
-    keep = n_resp + 1
+    keep = n_resp
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     inputs = dict(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask))
@@ -141,10 +143,10 @@ def sequence_log_probs(
     if out is None:
         out = call(**inputs, **kwargs)
     if head is not None:  # the LM head in chunks at real response positions only (pipeline.lm_head)
-        hidden = out[:, -keep:-1]
+        hidden = out[:, -keep:]
         lp = head.log_probs(hidden[resp_mask], resp_ids[resp_mask], temperature)
         return hidden.new_zeros(resp_ids.shape, dtype=lp.dtype).masked_scatter(resp_mask, lp), resp_mask, None
-    logits = out[:, -keep:-1]
+    logits = out[:, -keep:]
     log_probs = token_log_probs(logits, resp_ids, temperature)
     return log_probs, resp_mask, logits if return_logits else None
 

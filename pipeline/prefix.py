@@ -6,11 +6,12 @@ distinct prompt and copied to the rows that share it; the rows then run only the
 Gradients flow through the copies back into the one prompt pass, so training sees exactly the gradient
 of the unshared forward (up to float rounding: other matrix shapes, another summation order).
 
-- Scoring (:func:`shared_forward`): the sequence ``prompt + response`` is split before the prompt's
-  last token. The prompt minus that token runs through the model's decoder once per distinct prompt
-  (no LM head: nothing there is scored); the last prompt token and the response run per row, over the
-  copied cache, through the whole model: one call whose outputs are the ``R + 1`` positions the
-  unshared pass keeps with ``logits_to_keep = R + 1`` (hooks on the LM head see one call, as before).
+- Scoring (:func:`shared_forward`): the sequence ``prompt + response`` (without its last token, which
+  predicts nothing scored) is split before the prompt's last token. The prompt minus that token runs
+  through the model's decoder once per distinct prompt (no LM head: nothing there is scored); the last
+  prompt token and the response run per row, over the copied cache, through the whole model: one call
+  whose outputs are the ``R`` positions the unshared pass keeps with ``logits_to_keep = R`` (hooks on
+  the LM head see one call, as before).
 - Generation (:func:`prefill`): the distinct prompts minus their last token fill a cache once, repeated
   G times per prompt; ``generate`` then starts from that cache and runs only the last prompt token.
 
@@ -99,8 +100,9 @@ def shared_forward(
 ) -> torch.Tensor | None:
     """``call(**inputs)`` (the model, or its hidden-state variant) for the scoring ``inputs`` (``input_ids``,
     ``attention_mask``, ``position_ids`` of left-padded prompts ``prompt_width`` wide followed by
-    responses), with each distinct prompt run once: the output is that of the last prompt token and the
-    responses, ``[B, R + 1, ...]``, the positions that predict each response token (and one past it).
+    responses without their last token), with each distinct prompt run once: the output is that of the
+    last prompt token and those response tokens, ``[B, R, ...]``, the positions that predict each
+    response token.
     None when no prompt repeats or the model cannot share (the caller runs the plain pass)."""
     sharing = decoder_of(model) if prompt_width >= 2 else None
     if sharing is None:
