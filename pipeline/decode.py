@@ -10,7 +10,9 @@ The loop, for ``B`` rows (prompts repeated ``group`` times each, left-padded to 
 - prefill: every prompt minus its last token runs once, eagerly, into a ``DynamicCache`` (each distinct
   prompt once when ``group > 1``, :mod:`pipeline.prefix`), copied into a ``StaticCache`` of
   ``P + max_new_tokens`` positions rounded up to a multiple of :data:`CACHE_ROUNDING` (fewer shapes,
-  fewer compilations). The cache of the previous call is reused when its shape matches.
+  fewer compilations; but each step's attention reads every position, so not many more: a toy rollout
+  of 6 + 32 tokens took 46.6 ms over 40 positions against 52.9 ms over 64). The cache of the previous
+  call is reused when its shape matches.
 - each step (:func:`next_token`, the compiled unit) feeds one token per row, the last prompt token
   first, through the model, then: EOS suppressed before ``min_new_tokens``; temperature, top-k,
   top-p, min-p (Hugging Face's warpers, in its order); the argmax, or the inverse-CDF draw of
@@ -58,7 +60,7 @@ from pipeline import prefix, sampling
 from pipeline.logprobs import compute_dtype, pad_left, position_ids_from_mask
 from pipeline.runtime import check_cpp_compiler
 
-CACHE_ROUNDING = 64
+CACHE_ROUNDING = 8
 # GenerationConfig fields the loop reproduces or that do not change what generate computes.
 _HANDLED = {
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
