@@ -698,10 +698,17 @@ def aligned_lines(spec: dict[str, Any], first: dict[str, dict[str, Any]]) -> lis
     if "trl" in first:
         for key, (value, why) in TRL_ALIGNED.items():
             lines.append(f"aligned: TRL {key}={spec['lr'] if value is None else value!r}: {why}")
+        gelu = (
+            "as x * sigmoid(2z), two compiled kernels (model.compile_activation, the same function)"
+            if "model.compile_activation=true" in spec["extra"]
+            else "as the fused gelu_pytorch_tanh kernel (model.fused_activation, the same function)"
+        )
         lines.append(
             f"not aligned (implementation, not work): TRL optimizer {first['trl']['optim']!r} (Trainer default), "
-            "ours torch.optim.AdamW(fused=True) (optim.fused); ours runs GPT-2's gelu_new as the fused "
-            "gelu_pytorch_tanh kernel (model.fused_activation, the same function), TRL as eight elementwise ops; "
+            f"ours torch.optim.AdamW(fused=True) (optim.fused); ours runs GPT-2's gelu_new {gelu}, TRL as "
+            "eight elementwise ops; ours runs each prompt once for its G samples (model.share_prompt_cache) and "
+            "scores without feeding the last completion token (it predicts nothing scored), TRL feeds every "
+            "row's whole sequence; "
             "TRL computes the per-token entropy in its training forward "
             "(hard-coded compute_entropy=True, for a metric) and ours does not (algo.entropy_coef=0); TRL's "
             "fused LM head vs our logits_to_keep + chunked log-softmax; ours runs with trainer.deterministic=true "
