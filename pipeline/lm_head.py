@@ -4,7 +4,9 @@ in the backward pass, so no ``[tokens, V]`` logits tensor (nor its gradient) is 
 With a 49k-token vocabulary the logits of 16 sequences x 64 response tokens are 200 MB in float32, and
 autograd keeps them, plus their gradient, through the backward pass. :func:`linear_log_probs` keeps the
 hidden states (``[tokens, H]``, H << V) and the per-row logsumexp instead, and rebuilds each chunk of
-logits in the backward pass: one extra LM-head matmul for ``2 x |logits|`` less memory.
+logits in the backward pass: one extra LM-head matmul for ``2 x |logits|`` less memory. Up to
+``_KEEP_ELEMENTS`` logits a training pass keeps their softmax instead (one ``[tokens, V]`` tensor,
+turned into the gradient in place): no extra matmul, and still less than autograd's logits + gradient.
 
 A model takes this path once :func:`prepare` has shown, on a 2-token input, that its logits are exactly
 its output layer's output (no soft-capping or scaling after the head; a plain ``nn.Linear``, no adapter
@@ -24,6 +26,10 @@ from pipeline import logprobs  # module import: pipeline.logprobs imports this m
 
 # Rows of logits rebuilt at once: about 2**24 elements (64 MB in float32) whatever the vocabulary.
 _CHUNK_ELEMENTS = 2**24
+# Up to this many [tokens, V] elements (256 MB in float32) a training pass keeps the softmax for the
+# backward pass instead of rebuilding it with an LM-head matmul (SmolLM2, 16 x 64 response tokens:
+# 50M elements, 0.3 s of a 13 s step); beyond it, memory wins.
+_KEEP_ELEMENTS = 2**26
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -34,16 +40,21 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, training):
         rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        dtype = logprobs.compute_dtype(weight.dtype)
+        keep = training and hidden.shape[0] * weight.shape[0] <= _KEEP_ELEMENTS
+        probs = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=dtype) if keep else None
         out, lse = [], []
         for start in range(0, hidden.shape[0], rows):
             x = _chunk_logits(hidden[start : start + rows], weight, bias, temperature)
             lse.append(x.logsumexp(-1))
             out.append(x.gather(-1, tokens[start : start + rows, None]).squeeze(-1) - lse[-1])
-        lse_all = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=logprobs.compute_dtype(weight.dtype))
+            if probs is not None:
+                torch.exp(x.sub_(lse[-1][:, None]), out=probs[start : start + rows])
+        lse_all = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=dtype)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse_all)
-        ctx.temperature, ctx.rows = temperature, rows
+        ctx.temperature, ctx.rows, ctx.probs = temperature, rows, probs
         device = hidden.device.type
         ctx.autocast = (
             (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
@@ -63,19 +74,27 @@ class _LinearLogProbs(torch.autograd.Function):
         grad_b = None
         if bias is not None and ctx.needs_input_grad[2]:
             grad_b = torch.zeros_like(bias, dtype=logprobs.compute_dtype(bias.dtype))
+        probs, ctx.probs = ctx.probs, None  # used up in place: a second backward rebuilds the logits
         with torch.autocast(*ctx.autocast) if ctx.autocast else nullcontext():  # the forward's logits
-            _backward_chunks(hidden, weight, bias, tokens, lse, grad_out, t, rows, grad_h, grad_w, grad_b)
+            _backward_chunks(
+                hidden, weight, bias, tokens, lse, probs, grad_out, t, rows, grad_h, grad_w, grad_b
+            )
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
-def _backward_chunks(hidden, weight, bias, tokens, lse, grad_out, t, rows, grad_h, grad_w, grad_b) -> None:
+def _backward_chunks(
+    hidden, weight, bias, tokens, lse, probs, grad_out, t, rows, grad_h, grad_w, grad_b
+) -> None:
     for start in range(0, hidden.shape[0], rows):
         end = start + rows
         h = hidden[start:end]
         # d lp / d x = onehot(token) - softmax(x), x = logits / t
-        g = torch.exp(_chunk_logits(h, weight, bias, t) - lse[start:end, None]).neg_()
+        if probs is not None:
+            g = probs[start:end].neg_()
+        else:
+            g = torch.exp(_chunk_logits(h, weight, bias, t) - lse[start:end, None]).neg_()
         g.scatter_add_(-1, tokens[start:end, None], torch.ones_like(g[:, :1]))
         g.mul_(grad_out[start:end, None] / t)
         if grad_h is not None:
@@ -95,7 +114,10 @@ def linear_log_probs(
 ) -> torch.Tensor:
     """``log_softmax((hidden @ weight.T + bias) / temperature)`` at ``tokens``, for ``hidden [N, H]`` and
     ``tokens [N]``: ``[N]`` in at least float32, differentiable in ``hidden``, ``weight`` and ``bias``."""
-    return _LinearLogProbs.apply(hidden, weight, bias, tokens.to(torch.long), float(temperature))
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    return _LinearLogProbs.apply(hidden, weight, bias, tokens.to(torch.long), float(temperature), training)
 
 
 @contextmanager

@@ -22,9 +22,15 @@ def _reference(hidden, weight, bias, tokens, temperature):
     return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+# the softmax kept from the forward pass for the backward pass, or rebuilt there (over the budget)
+KEEP = pytest.mark.parametrize("keep", [2**26, 0], ids=["kept", "rebuilt"])
+
+
+@KEEP
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_values_and_gradients_match_a_float64_log_softmax_across_chunks(monkeypatch, with_bias):
+def test_values_and_gradients_match_a_float64_log_softmax_across_chunks(monkeypatch, with_bias, keep):
     monkeypatch.setattr(lm_head, "_CHUNK_ELEMENTS", 3 * 11)  # 3 rows of an 11-token vocabulary per chunk
+    monkeypatch.setattr(lm_head, "_KEEP_ELEMENTS", keep)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 5, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -32,9 +38,15 @@ def test_values_and_gradients_match_a_float64_log_softmax_across_chunks(monkeypa
     tokens = torch.randint(0, 11, (10,), generator=g)
     inputs = (hidden, weight, bias, tokens, 0.7)
     torch.testing.assert_close(lm_head.linear_log_probs(*inputs), _reference(*inputs), rtol=0, atol=1e-12)
+    # gradcheck's backward passes reuse one graph: the kept softmax serves the first, the others rebuild it
     assert torch.autograd.gradcheck(
         lambda h, w, b: lm_head.linear_log_probs(h, w, b, tokens, 0.7), (hidden, weight, bias)
     )
+    lp = lm_head.linear_log_probs(*inputs)
+    first = torch.autograd.grad(lp.sum(), (hidden, weight), retain_graph=True)
+    again = torch.autograd.grad(lp.sum(), (hidden, weight))
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def _llama(tie: bool):
@@ -47,10 +59,12 @@ def _gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64))
 
 
+@KEEP
 @pytest.mark.parametrize(
     "build", [lambda: _llama(True), lambda: _llama(False), _gpt2], ids=["llama-tied", "llama", "gpt2"]
 )
-def test_sequence_log_probs_and_gradients_equal_the_full_logits_path(build):
+def test_sequence_log_probs_and_gradients_equal_the_full_logits_path(monkeypatch, build, keep):
+    monkeypatch.setattr(lm_head, "_KEEP_ELEMENTS", keep)
     torch.manual_seed(0)
     model = build().double().eval()  # no dropout: both passes see the same network
     prompts = [torch.tensor([5, 6, 7]), torch.tensor([8])]
