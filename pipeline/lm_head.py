@@ -28,7 +28,7 @@ from pipeline import logprobs  # module import: pipeline.logprobs imports this m
 _CHUNK_ELEMENTS = 2**24
 # Up to this many [tokens, V] elements (256 MB in float32) a training pass keeps the softmax for the
 # backward pass instead of rebuilding it with an LM-head matmul (SmolLM2, 16 x 64 response tokens:
-# 50M elements, 0.3 s of a 13 s step); beyond it, memory wins.
+# 50M elements; this head's forward and backward take 1.17 instead of 1.60 s); beyond it, memory wins.
 _KEEP_ELEMENTS = 2**26
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
