@@ -83,11 +83,12 @@ def test_profile_prints_the_ops_of_the_profiled_steps():
     """``--profile`` once printed an empty table: the profiler was stopped twice, which discards it."""
     out = run_bench("--only", "ours", "--no-scaling", "--profile", "5")
     table = out[out.index("profile ours (torch.profiler") :]
-    # ops, and the phase ranges of the recipe (their self time: Python and untraced work)
-    ops = re.findall(r"^\s*(aten::\w+|phase/\w+|\S.*?#\w+\.\w+)\s+\d+\.\d+%", table, re.M)
+    # rows: ops, and the phase ranges of the recipe (their self time: Python and untraced work)
+    ops = re.findall(r"^\s*(\S.*?)\s+\d+\.\d+%\s", table, re.M)
     assert len(ops) == 5, table
-    assert any(op in ("aten::addmm", "aten::mm", "aten::linear") for op in ops), table
-    # our self time per phase, each with its top ops
+    assert any(op.startswith("aten::") for op in ops), table
+    # our self time per phase, each with its top ops: the model's matrix products among them
     phases = re.findall(r"^  (\w+): (\d+\.\d) ms$", table, re.M)
     assert {"collect", "ref", "update"} <= {name for name, _ in phases}, table
     assert re.search(r"^  update: [\d.]+ ms\n\s+\d+\.\d\d  \S", table, re.M), table
+    assert re.search(r"^\s+\d+\.\d\d  aten::(addmm|mm|linear)$", table, re.M), table
