@@ -181,7 +181,8 @@ def load_model(
     With ``cfg.fused_activation`` a model whose config says ``gelu_new`` (GPT-2 and kin) runs it as
     ``gelu_pytorch_tanh``: the same tanh approximation of GELU, but one fused kernel instead of
     eight elementwise ops, each saved for backward (about 40% less time in a training forward and
-    backward of a small GPT-2 on CPU). The saved model keeps the original name.
+    backward of a small GPT-2 on CPU). The saved model keeps the original name. With
+    ``cfg.compile_activation`` its tanh GELU runs as two compiled kernels (:mod:`pipeline.activations`).
     """
     kwargs = {"dtype": dtype, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
               "local_files_only": _local_only(path)}  # fmt: skip
@@ -198,8 +199,9 @@ def load_model(
         raise _explain("model.name_or_path", path, err) from err
     if fused:
         model.config.activation_function = config.activation_function  # runtime kernel only
-    if cfg.compile_activation:
-        _compile_activation(model)
+    # its tanh-GELU modules as compiled kernels (pipeline.activations); none: an activation the config hid
+    if cfg.compile_activation and compile_gelu_tanh(model) == 0:
+        raise _not_tanh_gelu(_activation_name(model.config))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
@@ -214,20 +216,13 @@ def _check_compile_activation(config: PretrainedConfig | None, device: torch.dev
     CPU without the C++ compiler that builds the kernels, is an error that names the key."""
     act = _activation_name(config)
     if isinstance(act, str) and act not in TANH_GELU_NAMES:
-        _no_tanh_gelu(act)
+        raise _not_tanh_gelu(act)
     if device.type == "cpu":
         check_cpp_compiler("model.compile_activation", "model.compile_activation=false")
 
 
-def _no_tanh_gelu(act: object) -> None:
-    raise ValueError(
+def _not_tanh_gelu(act: object) -> ValueError:
+    return ValueError(
         f"model.compile_activation=true compiles the tanh approximation of GELU ({', '.join(TANH_GELU_NAMES)}); "
         f"this model's activation is {act!r}. Set model.compile_activation=false."
     )
-
-
-def _compile_activation(model: PreTrainedModel) -> None:
-    """``model.compile_activation``: the model's tanh-GELU modules run as compiled kernels
-    (:mod:`pipeline.activations`); an error where it has none (an activation its config does not name)."""
-    if compile_gelu_tanh(model) == 0:
-        _no_tanh_gelu(_activation_name(model.config))

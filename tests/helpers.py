@@ -79,6 +79,28 @@ def run_script(
     )
 
 
+def run_without_cpp_compiler(code: str) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a fresh process that finds no C++ compiler (``PATH`` emptied, no ``CXX``):
+    torch caches its compiler search for the life of a process, so this cannot run in the test's own."""
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": "/nonexistent"}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def load_configured(path: Path, dtype: Any = None, **options: Any) -> Any:
+    """The model folder ``path`` loaded as a run loads it (``pipeline.models.load_model``) on CPU, with
+    ``model.*`` ``options`` (``fused_activation``, ``compile_activation``, ...), in ``dtype`` (float32)."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import check_model_source, load_model
+
+    cfg = ModelConfig(name_or_path=str(path), **options)
+    _, config = check_model_source(cfg)
+    return load_model(cfg, str(path), torch.device("cpu"), dtype or torch.float32, config)
+
+
 def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
     return run_script("train.py", args, cwd=cwd, timeout=timeout)
 

@@ -5,19 +5,14 @@ decoding graph; what it cannot do is refused by name, before the model loads."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.activations import CompiledGeluTanh, compile_gelu_tanh
-from pipeline.config import ModelConfig
 from pipeline.logprobs import sequence_log_probs
-from pipeline.models import check_model_source, load_model
-from tests.helpers import ROOT, save_tiny_model
+from tests.helpers import load_configured, run_without_cpp_compiler, save_tiny_model
 
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
 RESPONSES = [torch.tensor([10, 11, 12, 13]), torch.tensor([14, 15])]
@@ -58,14 +53,8 @@ def test_inside_a_compiled_graph_the_ops_join_it():
         assert (graph(x).double() - 2 * F.gelu(x.double(), approximate="tanh")).abs().max() < 4e-6
 
 
-def _load(path, **options):
-    cfg = ModelConfig(name_or_path=str(path), **options)
-    _, config = check_model_source(cfg)
-    return load_model(cfg, str(path), torch.device("cpu"), torch.float32, config)
-
-
 def test_a_model_scores_and_trains_as_with_torchs_kernel(saved_tiny):
-    plain, compiled = _load(saved_tiny), _load(saved_tiny, compile_activation=True)
+    plain, compiled = load_configured(saved_tiny), load_configured(saved_tiny, compile_activation=True)
     acts = [type(block.mlp.act) for block in compiled.transformer.h]
     assert acts == [CompiledGeluTanh] * len(compiled.transformer.h)
     assert compiled.config.activation_function == "gelu_new"  # the saved config is unchanged
@@ -98,12 +87,11 @@ def test_a_model_without_tanh_gelu_is_refused_before_it_loads(tmp_path, monkeypa
         "pipeline.models.AutoModelForCausalLM.from_pretrained", lambda *a, **k: loaded.append(1)
     )
     with pytest.raises(ValueError, match=r"model\.compile_activation=true .* activation is 'silu'.*=false"):
-        _load(path, compile_activation=True)
+        load_configured(path, compile_activation=True)
     assert not loaded
 
 
 def test_no_cpp_compiler_is_refused_before_the_model_loads(saved_tiny):
-    # a fresh process: torch caches its compiler search for the life of a process
     code = (
         "import torch\n"
         "from pipeline.config import ModelConfig\n"
@@ -111,10 +99,7 @@ def test_no_cpp_compiler_is_refused_before_the_model_loads(saved_tiny):
         f"cfg = ModelConfig(name_or_path={str(saved_tiny)!r}, compile_activation=True)\n"
         "load_model(cfg, cfg.name_or_path, torch.device('cpu'), torch.float32, check_model_source(cfg)[1])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": "/nonexistent"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_without_cpp_compiler(code)
     assert proc.returncode == 1
     message = "ValueError: model.compile_activation needs a C++ compiler on CPU"
     assert message in proc.stderr, proc.stderr[-2000:]

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from tensordict import TensorDict
 from pipeline import TransformersWrapper
 from pipeline.config import validate
 from pipeline.logprobs import sequence_log_probs
-from tests.helpers import ROOT, SMALL_RUN, compose_train, read_metrics, run_recipe
+from tests.helpers import SMALL_RUN, compose_train, read_metrics, run_recipe, run_without_cpp_compiler
 
 PROMPTS = ["12+35=", "7+8=", "123+4=", "9="]  # different widths: left padding in every batch
 
@@ -123,17 +120,13 @@ def test_what_it_cannot_reproduce_is_refused_by_name(models, char_tok):
 
 
 def test_no_cpp_compiler_fails_at_construction():
-    # a fresh process: torch caches its compiler search for the life of a process
     code = (
         "from pipeline import TransformersWrapper\n"
         "from pipeline.tiny import char_tokenizer, tiny_model\n"
         "tok = char_tokenizer()\n"
         "TransformersWrapper(tiny_model(tok), tokenizer=tok, compile_decode=True, generate_kwargs={'max_new_tokens': 4})\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": "/nonexistent"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_without_cpp_compiler(code)
     assert proc.returncode == 1
     assert "ValueError: compile_decode (generate.compile) needs a C++ compiler on CPU" in proc.stderr, (
         proc.stderr[-2000:]

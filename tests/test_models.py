@@ -5,19 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import ModelConfig
 from pipeline.logprobs import sequence_log_probs
-from pipeline.models import check_model_source, load_model
-
-
-def _load(path, fused: bool, dtype=torch.float32):
-    cfg = ModelConfig(name_or_path=str(path), fused_activation=fused)
-    _, config = check_model_source(cfg)
-    return load_model(cfg, str(path), torch.device("cpu"), dtype, config)
+from tests.helpers import load_configured
 
 
 def test_fused_activation_is_the_same_function(saved_tiny, tmp_path):
-    plain, fused = _load(saved_tiny, False), _load(saved_tiny, True)
+    plain, fused = (
+        load_configured(saved_tiny, fused_activation=False),
+        load_configured(saved_tiny, fused_activation=True),
+    )
     assert plain.config.activation_function == fused.config.activation_function == "gelu_new"
     kinds = {type(b.mlp.act).__name__ for b in fused.transformer.h}
     assert kinds != {type(b.mlp.act).__name__ for b in plain.transformer.h}, kinds
@@ -27,7 +23,9 @@ def test_fused_activation_is_the_same_function(saved_tiny, tmp_path):
     lp_fused, _, _ = sequence_log_probs(fused, prompts, responses, pad_token_id=0)
     assert torch.allclose(lp_plain[mask], lp_fused[mask], atol=1e-5)
     # float64 reference: gelu_new's formula against the fused kernel
-    ref64 = sequence_log_probs(_load(saved_tiny, False, torch.float64), prompts, responses, pad_token_id=0)[0]
+    ref64 = sequence_log_probs(
+        load_configured(saved_tiny, torch.float64, fused_activation=False), prompts, responses, pad_token_id=0
+    )[0]
     assert (lp_fused[mask].double() - ref64[mask]).abs().max() < 1e-5
     # the saved model still says gelu_new: other tools load it unchanged
     fused.save_pretrained(tmp_path / "out")
